@@ -29,7 +29,7 @@ def float32s(min_value: float, max_value: float):
 
 
 scales = st.one_of(
-    st.floats(1e-8, 1e4, width=32),
+    st.floats(float(np.float32(1e-8)), float(np.float32(1e4)), width=32),
     st.sampled_from([1e-8, 2.0**-20, 0.1, 0.5, 1.0, 1.0 / 3.0, 2.0, 1e4]),
 )
 
