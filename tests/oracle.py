@@ -41,7 +41,7 @@ def assert_bit_exact(actual: torch.Tensor, expected: torch.Tensor, what: str = "
     if a.is_floating_point():
         same = (a == e) | (torch.isnan(a) & torch.isnan(e))
         # -0.0 == 0.0 above; compare signs of zeros too
-        same &= torch.signbit(a) == torch.signbit(e) | torch.isnan(a)
+        same &= (torch.signbit(a) == torch.signbit(e)) | torch.isnan(a)
     else:
         same = a == e
     if not bool(same.all()):
