@@ -131,25 +131,27 @@ def _per_channel_forward(x, scale, zero_point, axis, quant_min, quant_max):
     compute = _compute_dtype(x)
     scale = _channel_view(scale, axis, x.dim())
     inv = 1.0 / scale  # fl32(1/scale_c)
+    zp = _channel_view(zero_point, axis, x.dim())
     if zero_point.is_floating_point():
-        # Float zero point (numerics.md §2.4): added BEFORE rounding, inside an FMA.
-        zp = _channel_view(zero_point, axis, x.dim())
-        x_int = torch.round(fma32(x.float(), inv, zp)).double()
-    else:
-        zp = _channel_view(zero_point, axis, x.dim()).to(torch.float32)
-        x_int = torch.round(x.to(compute) * inv.to(compute)).add_(zp)  # rint(x * inv) + zp
+        # Float zero point (numerics.md §2.4): added BEFORE rounding, rounded to float32 once (an
+        # FMA for float32 input); "+ 0.0" turns rint's -0.0 into the +0 of torch's integer.
+        if compute == torch.float64:
+            x_int = torch.round((x * inv.double() + zp.double()).float()) + 0.0
+        else:
+            x_int = torch.round(fma32(x.float(), inv, zp)) + 0.0
+    else:  # rint(x * inv) + zp, the zero point added in the compute type (fl32(zp) for float32)
+        x_int = torch.round(x.to(compute) * inv.to(compute)).add_(zp.to(compute))
     # torch casts x_int to int64: NaN, +inf and values >= 2**63 become INT64_MIN -> quant_min.
     x_int = torch.where(x_int < _INT64_OVERFLOW, x_int, float("-inf"))
-    if not zero_point.is_floating_point() and _is_narrow(quant_min, quant_max):
+    if compute == torch.float32 and not zero_point.is_floating_point() and _is_narrow(quant_min, quant_max):
         x_q = x_int.clamp(quant_min, quant_max)
         mask = x_q == x_int
-        x_hat = x_q.sub_(zp).to(torch.float32).mul_(scale)  # exact ints: float32 product == torch's
-    else:  # wide range or float zero point: torch computes (x_q - zp) * scale in float64
+        x_hat = x_q.sub_(zp).mul_(scale)  # exact ints: the float32 product equals torch's double one
+    else:  # torch computes (x_q - zp) * scale in float64 and narrows only to x's dtype
         x_int = x_int.double()
         x_q = x_int.clamp(quant_min, quant_max)
         mask = x_q == x_int
-        zp = _channel_view(zero_point, axis, x.dim()).double()  # the exact zero point, not fl32(zp)
-        x_hat = ((x_q - zp) * scale.double()).to(torch.float32)
+        x_hat = (x_q - zp.double()) * scale.double()
     return x_hat.to(x.dtype), mask
 
 
