@@ -31,6 +31,10 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# One intra-op thread: float convolutions' reduction order (and so their last bits) depends on the
+# thread count, and on a loaded 2-core machine one thread is also much faster for these small shapes.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
