@@ -1,7 +1,7 @@
 """minqat: quantization-aware training for PyTorch, from scratch on plain tensors.
 
 Public names, in the order of the flow: qparams -> fake quant math -> observers -> fake-quant
-modules -> qconfigs. Each mirrors its ``torch.ao.quantization`` namesake, so code written for
+modules -> qconfigs -> stubs -> BN folding -> fusion -> prepare_qat. Each mirrors its ``torch.ao.quantization`` namesake, so code written for
 torch.ao's eager mode runs by swapping the import.
 
 >>> import torch, minqat
@@ -55,6 +55,13 @@ from .qconfig import (
     get_default_qconfig,
 )
 
+from .stubs import DeQuantStub, FloatFunctional, QuantStub, QuantWrapper
+from .nn.intrinsic.qat import freeze_bn_stats, update_bn_stats
+from .fold import fuse_conv_bn_weights, fuse_linear_bn_weights
+from .fuse import fuse_modules, fuse_modules_qat
+from .mappings import get_qat_module_mapping
+from .prepare import prepare, prepare_qat, propagate_qconfig_, swap_module
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -70,4 +77,8 @@ __all__ = [
     "default_fake_quant", "default_weight_fake_quant", "default_per_channel_weight_fake_quant",
     "default_fused_act_fake_quant", "default_fused_wt_fake_quant", "default_fused_per_channel_wt_fake_quant",
     "default_qconfig", "default_per_channel_qconfig", "default_qat_qconfig", "default_qat_qconfig_v2",
+    "QuantStub", "DeQuantStub", "QuantWrapper", "FloatFunctional",
+    "freeze_bn_stats", "update_bn_stats", "fuse_conv_bn_weights", "fuse_linear_bn_weights",
+    "fuse_modules", "fuse_modules_qat", "get_qat_module_mapping",
+    "propagate_qconfig_", "prepare", "prepare_qat", "swap_module",
 ]
