@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 _EXACT_INT_LIMIT = 2**24  # |integers| up to here are exact in float32
-_INT64_OVERFLOW = 2.0**63  # float values from here cannot be cast to int64 (x86 gives INT64_MIN)
 
 
 def _is_narrow(quant_min: int, quant_max: int) -> bool:
@@ -68,10 +67,11 @@ def _per_tensor_forward(x, scale, zero_point, quant_min, quant_max):
     compute = _compute_dtype(x)
     inv = (1.0 / scale).to(compute)  # fl32(1/scale): float32 division, then widened if needed
     zp = zero_point.to(compute)  # added in the compute type: fl32(zp) for float32 input (§2.1)
-    x_int = torch.round(x.to(compute) * inv).add_(zp)  # rint(x * inv) + zero_point
+    x_int = (x.to(compute) * inv).round_().add_(zp)  # rint(x * inv) + zero_point
     if _is_narrow(quant_min, quant_max):
-        x_q = x_int.clamp(quant_min, quant_max).nan_to_num_(nan=quant_min)  # NaN -> quant_min
-        mask = x_q == x_int  # False where clipped, for ±inf and for NaN
+        x_q = x_int.clamp(quant_min, quant_max)  # NaN stays NaN here
+        mask = _unclipped(x_int, x_q)  # False where clipped, for ±inf and for NaN
+        x_q = x_q.nan_to_num_(nan=quant_min)  # NaN -> quant_min
         x_hat = x_q.sub_(zp).to(torch.float32).mul_(scale)  # (x_q - zp) * scale, exact ints in float32
     else:  # wide range: like torch's kernel, compare in float32, clamp and subtract exactly,
         # round the integer difference to float32, multiply in float32.
@@ -79,6 +79,21 @@ def _per_tensor_forward(x, scale, zero_point, quant_min, quant_max):
         x_q = x_int.double().clamp(quant_min, quant_max).nan_to_num_(nan=quant_min)
         x_hat = (x_q - zero_point).to(torch.float32).mul_(scale)
     return x_hat.to(x.dtype), mask
+
+
+def _unclipped(x_int, x_q):
+    """``x_int == x_q`` as a bool mask; CONSUMES ``x_int`` (left holding ``x_int - x_q``).
+
+    Same values as ``==`` (a - b == 0 exactly when a == b; NaN and ±inf give a non-zero difference),
+    but torch's CPU float->bool cast is vectorized and its ``==`` to bool is not (~6x faster).
+    """
+    return x_int.sub_(x_q).to(torch.bool).logical_not_()
+
+
+def _ste(grad_x_hat, mask):
+    """``grad_x_hat * mask``, bit for bit (-0.0 and NaN included): the bool mask is read as uint8
+    and widened first, because torch's CPU kernels multiply float by bool ~4x slower."""
+    return mask.view(torch.uint8).to(grad_x_hat.dtype).mul_(grad_x_hat)
 
 
 class FakeQuantizePerTensorAffine(torch.autograd.Function):
@@ -95,7 +110,7 @@ class FakeQuantizePerTensorAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x_hat):
         (mask,) = ctx.saved_tensors
-        return grad_x_hat * mask, None, None, None, None
+        return _ste(grad_x_hat, mask), None, None, None, None
 
 
 def fake_quantize_per_tensor_affine(x: torch.Tensor, scale, zero_point, quant_min: int,
@@ -126,6 +141,17 @@ def _channel_view(t: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
+def _int64_cast_overflow_(x_int):
+    """In place: NaN, +inf and values >= 2**63 become -inf, as torch's cast of ``x_int`` to int64
+    makes them INT64_MIN (numerics.md §2.3). ``k * 2**63`` is the first power of two beyond the float
+    type's range, so ``x_int * k`` overflows to +inf exactly where ``x_int >= 2**63``; multiplying
+    by a power of two and back is exact everywhere else. (Three cheap in-place passes instead of
+    ``torch.where(x_int < 2**63, ...)``, whose comparison to bool is slow on CPU.)"""
+    k = 2.0**65 if x_int.dtype == torch.float32 else 2.0**961  # k * 2**63 = 2**128 or 2**1024
+    inf = float("inf")
+    return x_int.mul_(k).nan_to_num_(nan=-inf, posinf=-inf, neginf=-inf).mul_(1.0 / k)
+
+
 def _per_channel_forward(x, scale, zero_point, axis, quant_min, quant_max):
     """Return ``(x_hat, mask)``; ``scale``: (C,) float32, ``zero_point``: (C,) int64 or float32."""
     compute = _compute_dtype(x)
@@ -140,17 +166,19 @@ def _per_channel_forward(x, scale, zero_point, axis, quant_min, quant_max):
         else:
             x_int = torch.round(fma32(x.float(), inv, zp)) + 0.0
     else:  # rint(x * inv) + zp, the zero point added in the compute type (fl32(zp) for float32)
-        x_int = torch.round(x.to(compute) * inv.to(compute)).add_(zp.to(compute))
+        x_int = (x.to(compute) * inv.to(compute)).round_().add_(zp.to(compute))
     # torch casts x_int to int64: NaN, +inf and values >= 2**63 become INT64_MIN -> quant_min.
-    x_int = torch.where(x_int < _INT64_OVERFLOW, x_int, float("-inf"))
-    if compute == torch.float32 and not zero_point.is_floating_point() and _is_narrow(quant_min, quant_max):
+    x_int = _int64_cast_overflow_(x_int)
+    # float32 x_q - zp is exact only while |x_q - zp| <= quant_max - quant_min <= 2**24
+    narrow = _is_narrow(quant_min, quant_max) and quant_max - quant_min <= _EXACT_INT_LIMIT
+    if compute == torch.float32 and not zero_point.is_floating_point() and narrow:
         x_q = x_int.clamp(quant_min, quant_max)
-        mask = x_q == x_int
+        mask = _unclipped(x_int, x_q)
         x_hat = x_q.sub_(zp).mul_(scale)  # exact ints: the float32 product equals torch's double one
     else:  # torch computes (x_q - zp) * scale in float64 and narrows only to x's dtype
         x_int = x_int.double()
         x_q = x_int.clamp(quant_min, quant_max)
-        mask = x_q == x_int
+        mask = _unclipped(x_int, x_q)
         x_hat = (x_q - zp.double()) * scale.double()
     return x_hat.to(x.dtype), mask
 
@@ -169,7 +197,7 @@ class FakeQuantizePerChannelAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x_hat):
         (mask,) = ctx.saved_tensors
-        return grad_x_hat * mask, None, None, None, None, None
+        return _ste(grad_x_hat, mask), None, None, None, None, None
 
 
 def fake_quantize_per_channel_affine(x: torch.Tensor, scale, zero_point, axis: int, quant_min: int,
