@@ -1,0 +1,270 @@
+r"""Integer reference convolutions: exact int32 accumulation, then requantization.
+
+What torch's ``quantized::conv1d/conv2d/conv3d`` (and ``conv2d_relu``) compute under the ``fbgemm``
+engine (numerics.md §7.1), on plain integer tensors::
+
+    acc[n, c, o] = sum_{j, t} (x_int[n, j, o*stride + t*dilation - padding] - z_x) * (w_int[c, j, t] - z_w[c])
+    y_int        = requantize(acc, s_x, s_w, s_y, z_y, bias)          (minqat.kernels.requantize)
+
+with ``j`` over the input channels of ``c``'s group and ``t`` over the kernel taps. Padding is filled
+with the input zero point ``z_x``, so a padded tap contributes exactly 0: that is why the input is
+*centred first* (``x_int - z_x``) and then padded with zeros.
+
+Exactness. Two paths compute the same integers:
+
+* **float64** (any groups, any device): ``F.conv2d`` on the centred integers in float64. Every
+  product is an integer of magnitude at most ``255 * 255 < 2**16`` and a sum of ``K`` of them stays
+  below ``K * 2**16``; float64 holds every integer below ``2**53`` exactly, so all partial sums are
+  exact, *in any summation order*, for ``K < 2**37`` -- far beyond any layer. No rounding happens.
+* **int8 GEMM** (CPU, ``groups == 1``, used automatically): channels-last im2col and
+  ``torch._int_mm`` (int8 x int8 -> int32, exact). ``_int_mm`` needs int8 operands, so uint8
+  activations are shifted by 128 and the zero points are folded in with exact int32 row/column sums::
+
+      sum_k (x'[k] + d) (w[c,k] - z_w[c]) = sum_k x'[k] w[c,k] - z_w[c] sum_k x'[k]
+                                           + d sum_k w[c,k] - d K z_w[c],     x' = x - 128, d = 128 - z_x
+
+(im2col turns the conv into the GEMM of ``minqat.kernels.linear``; like torch's quantized conv, the
+result has channels-last strides.) fbgemm keeps ``acc`` in int32 and wraps around on overflow (it needs ``K`` in the tens of thousands
+at worst-case values); both paths wrap the same way.
+
+>>> x = torch.tensor([[[[3, 5], [7, 9]]]], dtype=torch.uint8)      # (N=1, C=1, 2, 2), z_x = 3
+>>> w = torch.tensor([[[[1]]], [[[-2]]]], dtype=torch.int8)         # (C_out=2, 1, 1, 1), z_w = 0
+>>> conv2d_int(x, 3, w, 0, padding=1)[0, 0]                          # padding contributes 0
+tensor([[0, 0, 0, 0],
+        [0, 0, 2, 0],
+        [0, 4, 6, 0],
+        [0, 0, 0, 0]], dtype=torch.int32)
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from ..dtypes import dtype_range
+from ..functional.qparams_args import per_tensor_zero_point
+from .linear import gemm_acc_int8, int_mm_usable, shift_to_int8, weight_zero_point, wrap_int32
+from .requantize import requantize, requantize_integer_only
+
+__all__ = [
+    "conv1d_int", "conv2d_int", "conv3d_int",
+    "quantized_conv1d", "quantized_conv2d", "quantized_conv3d",
+]
+
+ACTIVATION_DTYPES = (torch.uint8, torch.int8)
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------------------------
+def _check_int_tensor(t, name: str, allowed: tuple[torch.dtype, ...], ndim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in allowed:
+        names = " or ".join(str(d) for d in allowed)
+        raise ValueError(f"{name} must be a {names} tensor, got {type(t).__name__} {getattr(t, 'dtype', '')}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-d {layout}, got shape {tuple(t.shape)}")
+
+
+def _tuple(value, dims: int, name: str, minimum: int) -> tuple[int, ...]:
+    items = (value,) * dims if isinstance(value, numbers.Integral) else value
+    ok = isinstance(items, (tuple, list)) and len(items) == dims
+    ok = ok and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum for v in items)
+    if not ok:
+        raise ValueError(f"{name} must be an int >= {minimum} or a tuple of {dims} such ints, got {value!r}")
+    return tuple(int(v) for v in items)
+
+
+def _check_groups(groups, c_in: int, w: torch.Tensor) -> int:
+    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if w.size(0) % groups or w.size(1) * groups != c_in:
+        raise ValueError(
+            f"groups must divide the output channels and match the input channels: w_int of shape "
+            f"{tuple(w.shape)} with groups={groups} needs x_int with {w.size(1) * groups} channels and "
+            f"{w.size(0)} % groups == 0; x_int has {c_in} channels"
+        )
+    return int(groups)
+
+
+def _check_output_size(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> None:
+    for i, (s, p, d) in enumerate(zip(stride, padding, dilation)):
+        span = d * (w.size(2 + i) - 1) + 1
+        if x.size(2 + i) + 2 * p < span:
+            raise ValueError(
+                f"x_int is too small: spatial dim {i} has {x.size(2 + i)} + 2*padding {p} < dilated kernel {span}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# exact accumulation
+# ----------------------------------------------------------------------------------------------
+def _conv_acc_float64(x, z_x, w, z_w, stride, padding, dilation, groups) -> torch.Tensor:
+    """Exact accumulator via a float64 convolution of centred integers (see the module docstring)."""
+    dims = w.dim() - 2
+    x_c = x.to(torch.float64) - z_x  # centre first: padding with 0 == padding with z_x
+    w_c = w.to(torch.float64) - z_w.reshape(-1, *([1] * (dims + 1)))  # (C_out, C_in/g, *k)
+    acc = _CONV[dims](x_c, w_c, None, stride, padding, dilation, groups)  # every partial sum < 2**53
+    return wrap_int32(acc.to(torch.int64))
+
+
+def _conv2d_acc_int_mm(x, z_x, w, z_w, stride, padding, dilation) -> torch.Tensor:
+    """Exact accumulator of a ``groups=1`` 2-d conv: channels-last im2col + the int8 GEMM of linear."""
+    n, c, _, _ = x.shape
+    c_out, _, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    x_nhwc = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph), value=int(z_x))  # (N, Hp, Wp, C), pad z_x
+    x_s, d = shift_to_int8(x_nhwc, z_x)  # x - z_x = x_s + d, x_s int8
+    cols = x_s.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    h_out, w_out = cols.shape[1], cols.shape[2]  # cols: (N, Ho, Wo, C, kh, kw)
+    cols = cols.permute(0, 1, 2, 4, 5, 3).reshape(n * h_out * w_out, kh * kw * c)  # (M, K), K in (kh, kw, C) order
+    w_mat = w.permute(0, 2, 3, 1).reshape(c_out, kh * kw * c)  # (C_out, K), same K order
+    acc = gemm_acc_int8(cols, d, w_mat, z_w)  # (M, C_out), exact int32
+    return acc.reshape(n, h_out, w_out, c_out).permute(0, 3, 1, 2)  # (N, C_out, Ho, Wo)
+
+
+def _conv_int(x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups, dims: int):
+    """Validate, then accumulate exactly (shared by the 1-d, 2-d and 3-d entry points)."""
+    layout = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[dims]
+    _check_int_tensor(x_int, "x_int", ACTIVATION_DTYPES, dims + 2, layout)
+    _check_int_tensor(w_int, "w_int", (torch.int8,), dims + 2, "(C_out, C_in / groups, *kernel)")
+    qmin, qmax = dtype_range(x_int.dtype)
+    z_x = per_tensor_zero_point(x_zero_point, qmin, qmax, x_int.device, name="x_zero_point")
+    z_w = weight_zero_point(w_zero_point, w_int.size(0), x_int.device)
+    stride = _tuple(stride, dims, "stride", 1)
+    padding = _tuple(padding, dims, "padding", 0)
+    dilation = _tuple(dilation, dims, "dilation", 1)
+    groups = _check_groups(groups, x_int.size(1), w_int)
+    _check_output_size(x_int, w_int, stride, padding, dilation)
+    if dims == 1:  # a 1-d conv is a 2-d conv over a unit height
+        acc = _conv_int(x_int.unsqueeze(2), z_x, w_int.unsqueeze(2), z_w, (1,) + stride, (0,) + padding,
+                        (1,) + dilation, groups, 2)
+        return acc.squeeze(2)
+    if dims == 2 and groups == 1 and int_mm_usable(x_int, w_int):
+        return _conv2d_acc_int_mm(x_int, z_x, w_int, z_w, stride, padding, dilation)
+    return _conv_acc_float64(x_int, z_x, w_int, z_w, stride, padding, dilation, groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry points
+# ----------------------------------------------------------------------------------------------
+def conv2d_int(x_int: torch.Tensor, x_zero_point, w_int: torch.Tensor, w_zero_point,
+               stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    r"""Exact int32 accumulator of a 2-d convolution of zero-point-centred integers.
+
+    .. code-block:: text
+
+        acc[n, c, i, j] = sum_{ci, a, b} (x_pad[n, ci, i*sh + a*dh, j*sw + b*dw] - z_x) * (w[c, ci, a, b] - z_w[c])
+
+    where ``x_pad`` is ``x_int`` padded with ``z_x`` and ``ci`` runs over ``c``'s group.
+
+    Args:
+        x_int: ``(N, C_in, H, W)`` uint8 (torch's quint8 activations) or int8 tensor.
+        x_zero_point: int or one-element tensor in ``x_int``'s dtype range.
+        w_int: ``(C_out, C_in / groups, kH, kW)`` int8 tensor.
+        w_zero_point: int or 0-d tensor (per-tensor weights), or ``(C_out,)`` integer tensor
+            (per-channel weights); values in [-128, 127] (asymmetric weights are exact too).
+        stride, padding, dilation: int or pair, like ``torch.nn.functional.conv2d``.
+        groups: divides ``C_out``; ``C_in == w_int.size(1) * groups`` (depthwise: ``groups == C_in``).
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` int32 accumulator (wrapping on int32 overflow like fbgemm).
+
+    >>> x = torch.full((1, 1, 3, 3), 5, dtype=torch.uint8)
+    >>> conv2d_int(x, 2, torch.ones(1, 1, 3, 3, dtype=torch.int8), 0, padding=1)[0, 0]
+    tensor([[12, 18, 12],
+            [18, 27, 18],
+            [12, 18, 12]], dtype=torch.int32)
+    """
+    return _conv_int(x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups, 2)
+
+
+def conv1d_int(x_int: torch.Tensor, x_zero_point, w_int: torch.Tensor, w_zero_point,
+               stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """:func:`conv2d_int` for ``(N, C_in, L)`` inputs and ``(C_out, C_in / groups, k)`` weights
+    (computed as a 2-d conv over a unit height, as fbgemm does).
+
+    >>> conv1d_int(torch.tensor([[[1, 2, 3]]], dtype=torch.uint8), 1, torch.tensor([[[1, 1]]], dtype=torch.int8), 0)
+    tensor([[[1, 3]]], dtype=torch.int32)
+    """
+    return _conv_int(x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups, 1)
+
+
+def conv3d_int(x_int: torch.Tensor, x_zero_point, w_int: torch.Tensor, w_zero_point,
+               stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """:func:`conv2d_int` for ``(N, C_in, D, H, W)`` inputs (float64 path).
+
+    >>> conv3d_int(torch.full((1, 1, 2, 2, 2), 3, dtype=torch.uint8), 1, torch.ones(1, 1, 2, 2, 2, dtype=torch.int8), 0)
+    tensor([[[[[16]]]]], dtype=torch.int32)
+    """
+    return _conv_int(x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups, 3)
+
+
+def _quantized_conv(conv_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias,
+                    y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point):
+    acc = conv_int(x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups)
+    recipe = requantize_integer_only if fixed_point else requantize
+    return recipe(acc, x_scale, w_scale, y_scale, y_zero_point, bias, axis=1, relu=relu, dtype=dtype)
+
+
+def quantized_conv2d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Tensor, w_scale, w_zero_point,
+                     bias: torch.Tensor | None = None, *, y_scale, y_zero_point, stride=1, padding=0,
+                     dilation=1, groups: int = 1, relu: bool = False, dtype: torch.dtype = torch.uint8,
+                     fixed_point: bool = False) -> torch.Tensor:
+    r"""A quantized 2-d convolution: ``torch.ops.quantized.conv2d`` (``conv2d_relu`` with
+    ``relu=True``) under the fbgemm engine, bit for bit, on plain integer tensors.
+
+    .. code-block:: text
+
+        acc   = conv2d_int(x_int, z_x, w_int, z_w, stride, padding, dilation, groups)   exact int32
+        y_int = requantize(acc, s_x, s_w, s_y, z_y, bias, relu)                          numerics.md §7.1
+
+    Args:
+        x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups: as for
+            :func:`conv2d_int`. ``x_scale``: input scale.
+        w_scale: float / 0-d tensor for per-tensor weights, ``(C_out,)`` tensor for per-channel
+            weights (this decides how fbgemm adds the bias, see ``requantize``).
+        bias: ``None`` or float ``(C_out,)``, added in the real domain like torch (never int32).
+        y_scale, y_zero_point: output qparams.
+        relu: fused ReLU (clamp below at ``y_zero_point``).
+        dtype: output dtype, ``torch.uint8`` (torch's quint8) or ``torch.int8``.
+        fixed_point: use the integer-only recipe of Jacob et al. 2018 §2.2
+            (``requantize_integer_only``) instead of fbgemm's float32 one; then the output is
+            within one unit of the real-valued result but not bit-exact with torch.
+
+    >>> x = torch.tensor([[[[4, 6]]]], dtype=torch.uint8)                 # (1, 1, 1, 2), z_x = 2
+    >>> w = torch.tensor([[[[3]]]], dtype=torch.int8)                      # 1x1 kernel, z_w = 0
+    >>> quantized_conv2d(x, 0.5, 2, w, 0.25, 0, y_scale=1.0, y_zero_point=10)   # 0.75 -> 1, 1.5 -> 2
+    tensor([[[[11, 12]]]], dtype=torch.uint8)
+    """
+    return _quantized_conv(conv2d_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias,
+                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point)
+
+
+def quantized_conv1d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Tensor, w_scale, w_zero_point,
+                     bias: torch.Tensor | None = None, *, y_scale, y_zero_point, stride=1, padding=0,
+                     dilation=1, groups: int = 1, relu: bool = False, dtype: torch.dtype = torch.uint8,
+                     fixed_point: bool = False) -> torch.Tensor:
+    """:func:`quantized_conv2d` for 1-d inputs ``(N, C_in, L)`` (``torch.ops.quantized.conv1d``).
+
+    >>> x = torch.tensor([[[4, 6]]], dtype=torch.uint8)
+    >>> quantized_conv1d(x, 0.5, 2, torch.tensor([[[3]]], dtype=torch.int8), 0.25, 0, y_scale=1.0, y_zero_point=10)
+    tensor([[[11, 12]]], dtype=torch.uint8)
+    """
+    return _quantized_conv(conv1d_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias,
+                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point)
+
+
+def quantized_conv3d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Tensor, w_scale, w_zero_point,
+                     bias: torch.Tensor | None = None, *, y_scale, y_zero_point, stride=1, padding=0,
+                     dilation=1, groups: int = 1, relu: bool = False, dtype: torch.dtype = torch.uint8,
+                     fixed_point: bool = False) -> torch.Tensor:
+    """:func:`quantized_conv2d` for 3-d inputs ``(N, C_in, D, H, W)`` (``torch.ops.quantized.conv3d``).
+
+    >>> x = torch.tensor([[[[[4, 6]]]]], dtype=torch.uint8)
+    >>> quantized_conv3d(x, 0.5, 2, torch.tensor([[[[[3]]]]], dtype=torch.int8), 0.25, 0, y_scale=1.0, y_zero_point=10)
+    tensor([[[[[11, 12]]]]], dtype=torch.uint8)
+    """
+    return _quantized_conv(conv3d_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias,
+                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point)
