@@ -5,7 +5,9 @@ quantized CPU ops; the default) and ``requantize_fixed_point`` / ``requantize_in
 (the integer-only fixed-point multiplier of Jacob et al. 2018 §2.2, as gemmlowp/TFLite do it).
 """
 from .conv import conv1d_int, conv2d_int, conv3d_int, quantized_conv1d, quantized_conv2d, quantized_conv3d
+from .elementwise import add, add_relu, add_scalar, cat, matmul, mul, mul_scalar
 from .linear import linear_int, quantized_linear
+from .pooling import adaptive_avg_pool2d, avg_pool2d, clamp, max_pool2d, mean, quantize_scalar, relu, relu6
 from .requantize import (
     quantize_bias,
     quantize_multiplier,
@@ -18,4 +20,6 @@ __all__ = [
     "requantize", "requantize_fixed_point", "requantize_integer_only", "quantize_multiplier", "quantize_bias",
     "conv1d_int", "conv2d_int", "conv3d_int", "quantized_conv1d", "quantized_conv2d", "quantized_conv3d",
     "linear_int", "quantized_linear",
+    "add", "add_relu", "add_scalar", "mul", "mul_scalar", "cat", "matmul",
+    "relu", "relu6", "clamp", "quantize_scalar", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean",
 ]

@@ -1,0 +1,176 @@
+r"""int8 ``Linear`` and ``LinearReLU``, torch.ao.nn.quantized(.intrinsic)'s twins on plain integer tensors.
+
+A converted linear layer holds an ``int8`` weight ``(out_features, in_features)`` with its float32
+scale and int64 zero point (per channel ``(out_features,)`` or per tensor ``()``), a float32 bias
+and its output qparams; its forward maps a ``QTensor`` ``(..., in_features)`` to a ``QTensor``
+``(..., out_features)`` through ``minqat.kernels.quantized_linear`` (numerics.md §7.1).
+
+``from_float`` is torch.ao's (numerics.md §6): a ``LinearBn1d`` QAT module gets its BatchNorm folded
+in place (``minqat.fold.fuse_linear_bn_weights``); the weight fake quant is called once on the
+weight **unless** ``use_precomputed_fake_quant=True`` (for linear layers torch.ao honours that flag);
+weight qparams from ``weight_fake_quant.calculate_qparams()``; output qparams from the output
+observer.
+
+>>> from minqat.qtensor import QTensor
+>>> lin = Linear(2, 1)
+>>> lin.set_weight_bias(torch.tensor([[1, -1]], dtype=torch.int8), torch.tensor(0.5), torch.tensor(0),
+...                     torch.tensor([0.25]))
+>>> lin.scale, lin.zero_point = 0.25, 64
+>>> x = QTensor.quantize(torch.tensor([[3.0, 1.0]]), 1.0, 0, torch.uint8)
+>>> lin(x).int_repr()                                      # (3 - 1) * 0.5 + 0.25 = 1.25 -> 5 + 64
+tensor([[69]], dtype=torch.uint8)
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ...dtypes import plain_dtype
+from ...fold import fuse_linear_bn_weights
+from ...kernels import quantized_linear
+from ...nn.intrinsic import fused
+from ...nn.intrinsic.qat.linear_bn import LinearBn1d
+from ...qtensor import QTensor
+from .common import observe_weight, output_qparams, quantize_weight, require_qtensor, require_statistics
+
+__all__ = ["Linear", "LinearReLU"]
+
+
+class Linear(nn.Module):
+    """int8 ``Linear``: ``(..., in_features)`` QTensor in, ``(..., out_features)`` QTensor out."""
+
+    _RELU: ClassVar[bool] = False
+    _FLOAT_MODULES: ClassVar[tuple[type[nn.Module], ...]] = (
+        nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+    weight_int: torch.Tensor  # (out_features, in_features) int8
+    weight_scale: torch.Tensor  # () or (out_features,) float32
+    weight_zero_point: torch.Tensor  # () or (out_features,) int64
+    bias_float: torch.Tensor | None  # (out_features,) float32
+
+    def __init__(self, in_features: int, out_features: int, bias_: bool = True, dtype: torch.dtype = torch.int8,
+                 device=None):
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        if plain_dtype(dtype, "dtype") != torch.int8:  # torch.qint8 is accepted as its plain twin
+            raise ValueError(f"dtype must be torch.int8 (int8 weights), got {dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.tensor(1.0, device=device))
+        self.register_buffer("weight_zero_point", torch.tensor(0, device=device))
+        self.register_buffer("bias_float", torch.zeros(out_features, device=device) if bias_ else None)
+        self.scale: float = 1.0  # output qparams (Python numbers, like torch.ao)
+        self.zero_point: int = 0
+
+    def set_weight_bias(self, w_int: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
+                        bias: torch.Tensor | None) -> None:
+        """Install an int8 weight, its qparams (0-d: per tensor; ``(out,)``: per channel) and a float bias.
+
+        Unlike a conv, a linear layer may gain or lose its bias here (torch.ao's ``set_weight_bias``).
+        """
+        if w_int.dtype != torch.int8 or tuple(w_int.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"w_int must be an int8 tensor of shape {(self.out_features, self.in_features)}, "
+                             f"got {w_int.dtype} {tuple(w_int.shape)}")
+        if w_scale.dim() not in (0, 1) or w_scale.shape != w_zero_point.shape:
+            raise ValueError(f"w_scale and w_zero_point must both be 0-d or ({self.out_features},), "
+                             f"got {tuple(w_scale.shape)} and {tuple(w_zero_point.shape)}")
+        self.weight_int = w_int.detach().clone()
+        self.weight_scale = w_scale.detach().float().clone()
+        self.weight_zero_point = w_zero_point.detach().long().clone()
+        self.bias_float = None if bias is None else bias.detach().float().clone()
+
+    def weight(self) -> QTensor:
+        """The int8 weight as a ``QTensor`` (per channel along axis 0, or per tensor), like torch's ``weight()``."""
+        axis = 0 if self.weight_scale.dim() == 1 else None
+        return QTensor(self.weight_int, self.weight_scale, self.weight_zero_point, axis=axis)
+
+    def bias(self) -> torch.Tensor | None:
+        """The float32 bias (added in the real domain by the kernel), or None."""
+        return self.bias_float
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("weight_scale", "weight_zero_point", "bias_float"):  # shapes depend on the scheme / bias
+            if prefix + name in state_dict:
+                self._buffers[name] = torch.empty_like(state_dict[prefix + name])
+        self.scale = float(state_dict.pop(prefix + "scale", self.scale))
+        self.zero_point = int(state_dict.pop(prefix + "zero_point", self.zero_point))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "scale"] = torch.tensor(self.scale, dtype=torch.float64)  # exact round trip
+        destination[prefix + "zero_point"] = torch.tensor(self.zero_point)
+
+    def forward(self, x: QTensor) -> QTensor:
+        x = require_qtensor(x, self._get_name())
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self._get_name()} expects an input of shape (..., {self.in_features}), "
+                             f"got {tuple(x.shape)}")
+        x_int = x.int_repr()
+        y_int = quantized_linear(x_int, x.scale, x.zero_point, self.weight_int, self.weight_scale,
+                                 self.weight_zero_point, self.bias_float, y_scale=self.scale,
+                                 y_zero_point=self.zero_point, relu=self._RELU, dtype=x_int.dtype)
+        return QTensor(y_int, self.scale, self.zero_point)
+
+    def _get_name(self) -> str:
+        return "Quantized" + type(self).__name__
+
+    def extra_repr(self) -> str:
+        scheme = "per_channel" if self.weight_scale.dim() == 1 else "per_tensor"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}, "
+                f"zero_point={self.zero_point}, weights={scheme}")
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, use_precomputed_fake_quant: bool = False) -> Linear:
+        """The int8 layer of a QAT linear (BN folded in place first) or of an observed float linear.
+
+        ``use_precomputed_fake_quant=True`` skips the extra weight observer step (torch.ao's flag).
+        """
+        activation_post_process = getattr(mod, "activation_post_process", None)
+        if activation_post_process is None:
+            raise ValueError(f"{cls.__name__}.from_float needs a {type(mod).__name__} with an output observer "
+                             "(activation_post_process): prepare the model (minqat.prepare_qat / minqat.prepare) first")
+        require_statistics(activation_post_process, "its output observer (activation_post_process)")
+        if hasattr(mod, "weight_fake_quant"):  # a QAT module
+            if isinstance(mod, LinearBn1d):
+                _fold_bn_in_place(mod)
+            weight_post_process = mod.weight_fake_quant
+        else:  # a float module prepared for post-training quantization
+            if type(mod) not in cls._FLOAT_MODULES:
+                names = ", ".join(t.__name__ for t in cls._FLOAT_MODULES)
+                raise ValueError(f"{cls.__name__}.from_float expects a QAT linear or one of {names}, "
+                                 f"got {type(mod).__name__}")
+            if getattr(mod, "qconfig", None) is None:
+                raise ValueError(f"{cls.__name__}.from_float needs a {type(mod).__name__} with a qconfig "
+                                 "(prepare it first)")
+            if isinstance(mod, fused.FusedModule):
+                mod = mod[0]
+            weight_post_process = mod.qconfig.weight().to(mod.weight.device)
+        if use_precomputed_fake_quant:
+            require_statistics(weight_post_process, "its weight fake quant")
+        else:
+            observe_weight(weight_post_process, mod.weight)  # one more observer step (numerics.md §6.2)
+        w_int, w_scale, w_zero_point = quantize_weight(mod.weight, weight_post_process)
+        qlinear = cls(mod.in_features, mod.out_features, mod.bias is not None, device=mod.weight.device)
+        qlinear.set_weight_bias(w_int, w_scale, w_zero_point, mod.bias)
+        qlinear.scale, qlinear.zero_point = output_qparams(activation_post_process)
+        return qlinear
+
+
+def _fold_bn_in_place(mod: LinearBn1d) -> None:
+    """``W, b <- fold(W, b, BN running stats)`` on the QAT module itself, as torch.ao's convert does."""
+    bn = mod.bn
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"cannot fold the BatchNorm of {type(mod).__name__}: it tracks no running statistics")
+    mod.weight, mod.bias = fuse_linear_bn_weights(mod.weight, mod.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                  bn.weight, bn.bias)
+
+
+class LinearReLU(Linear):
+    """int8 ``Linear`` + ReLU fused: the output is clamped below at its zero point."""
+
+    _RELU = True
+    _FLOAT_MODULES = (fused.LinearReLU,)

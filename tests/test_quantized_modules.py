@@ -1,0 +1,564 @@
+"""int8 modules (minqat.nn.quantized): Quantize, DeQuantize, Conv1d/2d/3d, ConvReLU*, Linear, LinearReLU,
+QFunctional.
+
+(1) hand-worked values: a quantize tie and clamp, a padded 3x3 conv whose bias makes an exact tie, the ReLU floor
+at the output zero point, a per-tensor linear (bias by FMA), a residual add whose zero point is added before
+rounding (torch's scalar loop), add_scalar / mul_scalar qparams;
+(2) live parity of ``from_float`` with torch.ao.nn.quantized(.intrinsic): one QAT module (Conv / ConvReLU /
+ConvBn / ConvBnReLU in 1-d, 2-d, 3-d -- zero or reflect padding, strides, dilation, groups --, Linear /
+LinearReLU / LinearBn1d, with ``use_precomputed_fake_quant`` on or off) is prepared and trained by torch.ao,
+its state is loaded into minqat's prepared twin (strict), and both are converted: int8 weight codes, weight
+scales and zero points, float bias and output qparams identical, int8 outputs equal bit for bit on random
+inputs (fbgemm engine; activations in [0, 127], numerics.md §7.2), for per-channel, per-tensor, asymmetric and
+narrow-range weight fake quants, observers enabled (one more EMA step at convert) or disabled;
+(3) properties: ConvReLU = max(Conv, z_y); per-channel weights with one common scale equal per-tensor weights
+(without bias); state_dict round trip; deepcopy; plus every error message.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import minqat
+from minqat.convert import CONVERT_MODULE_MAPPING
+from minqat.nn.quantized import (
+    Conv2d,
+    ConvReLU2d,
+    DeQuantize,
+    Linear,
+    LinearReLU,
+    QFunctional,
+    Quantize,
+)
+from minqat.nn.quantized.common import quantize_weight, require_statistics
+from minqat.qtensor import QTensor
+from tests.oracle import ao, assert_bit_exact, requires_ao
+
+U8, I8 = torch.uint8, torch.int8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# oracle helpers (also used by tests/test_convert.py)
+# ----------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quantized_engine(name: str = "fbgemm"):
+    """Pin ``torch.backends.quantized.engine`` (packing happens at convert time, numerics.md §6.8) and restore it."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def torch_weight_parts(mod) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(int_repr, scales float64, zero points int64)`` of a torch.ao int8 module's packed weight."""
+    w = mod.weight()
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        return w.int_repr(), w.q_per_channel_scales().double(), w.q_per_channel_zero_points().long()
+    return w.int_repr(), torch.tensor(w.q_scale(), dtype=torch.float64), torch.tensor(w.q_zero_point())
+
+
+def assert_same_int8_module(ours: nn.Module, theirs: nn.Module, what: str) -> None:
+    """Identical int8 weights, weight qparams, float bias and output qparams (atol=0)."""
+    if callable(getattr(theirs, "weight", None)):
+        w_int, w_scale, w_zp = torch_weight_parts(theirs)
+        assert_bit_exact(ours.weight_int, w_int, f"{what} weight codes")
+        assert_bit_exact(ours.weight_scale.double(), w_scale, f"{what} weight scales")  # float32 widens exactly
+        assert_bit_exact(ours.weight_zero_point, w_zp, f"{what} weight zero points")
+        if theirs.bias() is None:
+            assert ours.bias() is None, f"{what}: a bias on our side only"
+        else:
+            assert_bit_exact(ours.bias(), theirs.bias(), f"{what} bias")
+    if isinstance(theirs.scale, torch.Tensor):  # Quantize: (1,) buffers
+        assert_bit_exact(ours.scale, theirs.scale, f"{what} scale")
+        assert_bit_exact(ours.zero_point, theirs.zero_point, f"{what} zero point")
+    elif hasattr(theirs, "scale"):
+        assert (ours.scale, ours.zero_point) == (theirs.scale, theirs.zero_point), f"{what} output qparams"
+        assert type(ours.scale) is float and type(ours.zero_point) is int
+
+
+def to_torch(x: QTensor) -> torch.Tensor:
+    """A per-tensor QTensor as torch's quantized tensor (the oracle's input)."""
+    return torch._make_per_tensor_quantized_tensor(x.int_repr(), float(x.scale), int(x.zero_point))
+
+
+def assert_same_qtensor(ours: QTensor, theirs: torch.Tensor, what: str) -> None:
+    assert isinstance(ours, QTensor), f"{what}: got {type(ours).__name__}, not a QTensor"
+    assert_bit_exact(ours.int_repr(), theirs.int_repr(), f"{what} int8 output")
+    assert (float(ours.scale), int(ours.zero_point)) == (theirs.q_scale(), theirs.q_zero_point()), f"{what} qparams"
+
+
+def dtypes(lib) -> tuple[torch.dtype, torch.dtype]:
+    """(activation, weight) dtypes: plain for minqat (so the golden replay needs no quantized dtype), legacy
+    quantized ones for torch.ao."""
+    return (torch.uint8, torch.int8) if lib is minqat else (torch.quint8, torch.qint8)
+
+
+def qconfig(lib, name: str):
+    """The same QConfig built from minqat's or torch.ao's classes (``lib`` is either module).
+
+    Activations are uint8 on [0, 127] everywhere (the fbgemm/x86 ``reduce_range``), so the int8 kernels are
+    exact on CPUs without AVX512-VNNI too (numerics.md §7.2).
+    """
+    if name in ("fbgemm-v0", "fbgemm-v1", "x86-v1"):
+        backend, version = name.split("-v")
+        return lib.get_default_qat_qconfig(backend, int(version))
+    u8, i8 = dtypes(lib)
+    act = lib.FakeQuantize.with_args(observer=lib.MovingAverageMinMaxObserver, quant_min=0, quant_max=127,
+                                     dtype=u8, qscheme=torch.per_tensor_affine)
+    weights = {
+        "per-tensor": dict(observer=lib.MovingAverageMinMaxObserver, quant_min=-128, quant_max=127,
+                           qscheme=torch.per_tensor_symmetric),
+        "per-tensor-affine-narrow": dict(observer=lib.MovingAverageMinMaxObserver, quant_min=-100, quant_max=100,
+                                         qscheme=torch.per_tensor_affine),
+        "per-channel-narrow": dict(observer=lib.MovingAveragePerChannelMinMaxObserver, quant_min=-127,
+                                   quant_max=127, qscheme=torch.per_channel_symmetric),
+    }[name]
+    return lib.QConfig(activation=act, weight=lib.FakeQuantize.with_args(dtype=i8, **weights))
+
+
+QCONFIG_NAMES = ["fbgemm-v0", "fbgemm-v1", "x86-v1", "per-tensor", "per-tensor-affine-narrow", "per-channel-narrow"]
+
+
+def randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial BN affine parameters and running statistics, so folding changes the weights."""
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            c = bn.num_features
+            bn.weight.copy_((torch.rand(c, generator=gen) + 0.5) * torch.where(torch.rand(c, generator=gen) < 0.2,
+                                                                                 -1.0, 1.0))
+            bn.bias.copy_(torch.rand(c, generator=gen) * 2 - 1)
+            bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
+            bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+
+
+def torch_ao_parts():
+    import torch.ao.nn.quantized as tnnq
+
+    tq = ao()
+    return tq.QuantStub, tq.DeQuantStub, tnnq.FloatFunctional
+
+
+def torch_conv1d_mappings():
+    """torch.ao's QAT and convert mappings plus the 1-d conv entries minqat maps by default."""
+    import torch.ao.nn.intrinsic as tni
+    import torch.ao.nn.intrinsic.qat as tniqat
+    import torch.ao.nn.intrinsic.quantized as tniq
+    import torch.ao.nn.qat as tnnqat
+    import torch.ao.nn.quantized as tnnq
+
+    tq = ao()
+    qat = tq.get_default_qat_module_mappings()
+    qat.update({nn.Conv1d: tnnqat.Conv1d, tni.ConvReLU1d: tniqat.ConvReLU1d})
+    static = tq.get_default_static_quant_module_mappings()
+    static.update({tnnqat.Conv1d: tnnq.Conv1d, tniqat.ConvReLU1d: tniq.ConvReLU1d})
+    return qat, static
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (1) hand-worked values
+# ----------------------------------------------------------------------------------------------------------
+def test_quantize_and_dequantize_by_hand():
+    q = Quantize(0.5, 2, torch.uint8)
+    # x / 0.5 + 2: 0.25 -> 2.5 -> 2 (ties to even); 0.75 -> 3.5 -> 4; -5 -> -8 -> 0; 200 -> 402 -> 255
+    y = q(torch.tensor([0.25, 0.75, -5.0, 200.0]))
+    assert_bit_exact(y.int_repr(), torch.tensor([2, 4, 0, 255], dtype=U8), "quantized")
+    assert (float(y.scale), int(y.zero_point)) == (0.5, 2)
+    assert_bit_exact(DeQuantize()(y), torch.tensor([0.0, 1.0, -1.0, 126.5]), "dequantized")  # 0.5 * (q - 2)
+
+
+def _conv_3x3_ones(relu: bool, w: int = 1, bias: float | None = 0.25) -> nn.Module:
+    conv = (ConvReLU2d if relu else Conv2d)(1, 1, 3, padding=1, bias=bias is not None)
+    conv.set_weight_bias(torch.full((1, 1, 3, 3), w, dtype=I8), torch.tensor([0.25]), torch.tensor([0]),
+                         None if bias is None else torch.tensor([bias]))
+    conv.scale, conv.zero_point = 0.5, 1
+    return conv
+
+
+def test_conv2d_by_hand_padding_tie_and_relu_floor():
+    x = QTensor(torch.full((1, 1, 2, 2), 5, dtype=U8), 0.5, 2)  # centred 3 everywhere; padding holds z_x = 2
+    # every 3x3 window covers the 4 input cells: acc = 4 * 3 = 12; atw = 0.5 * 0.25 = 0.125; mult = 0.125 / 0.5
+    # bias 0.25 / atw = 2 -> (12 + 2) * 0.25 = 3.5 -> 4 (ties to even) -> + z_y 1 = 5
+    assert_bit_exact(_conv_3x3_ones(False)(x).int_repr(), torch.full((1, 1, 2, 2), 5, dtype=U8), "conv")
+    # no bias: 12 * 0.25 = 3 -> 4; weights -1: -3 + 1 = -2 -> 0 (dtype floor) / 1 (ReLU floor = z_y)
+    assert_bit_exact(_conv_3x3_ones(False, bias=None)(x).int_repr(), torch.full((1, 1, 2, 2), 4, dtype=U8), "no bias")
+    assert_bit_exact(_conv_3x3_ones(False, w=-1, bias=None)(x).int_repr(), torch.zeros(1, 1, 2, 2, dtype=U8), "neg")
+    assert_bit_exact(_conv_3x3_ones(True, w=-1, bias=None)(x).int_repr(), torch.ones(1, 1, 2, 2, dtype=U8), "relu")
+    assert (_conv_3x3_ones(True)(x).scale, _conv_3x3_ones(True)(x).zero_point) == (0.5, 1)
+
+
+def test_linear_by_hand_per_tensor_bias_and_relu():
+    lin = Linear(2, 2)
+    lin.set_weight_bias(torch.tensor([[1, 0], [-1, 0]], dtype=I8), torch.tensor(0.5), torch.tensor(0),
+                        torch.tensor([0.25, 0.25]))
+    lin.scale, lin.zero_point = 1.0, 0
+    x = QTensor(torch.tensor([[2, 7]], dtype=U8), 0.5, 1)  # centred [1, 6]
+    # atw = 0.25, per-tensor bias: fma(b, 1/atw, acc) = acc + 1; mult = 0.25: (1 + 1) * 0.25 = 0.5 -> 0;
+    # (-1 + 1) * 0.25 = 0
+    assert_bit_exact(lin(x).int_repr(), torch.tensor([[0, 0]], dtype=U8), "linear")
+    relu = LinearReLU(2, 1, bias_=False)
+    relu.set_weight_bias(torch.tensor([[-4, 0]], dtype=I8), torch.tensor(0.5), torch.tensor(0), None)
+    relu.scale, relu.zero_point = 0.25, 3
+    # acc = -4 -> -4 * (0.25 / 0.25) = -4 + 3 = -1 -> ReLU floor 3
+    assert_bit_exact(relu(x).int_repr(), torch.tensor([[3]], dtype=U8), "linear relu")
+
+
+def test_qfunctional_by_hand():
+    f = QFunctional()
+    f.scale, f.zero_point = 1.0, 1
+    x = QTensor(torch.tensor([1, 2, 3], dtype=U8), 0.25, 0)  # 0.25, 0.5, 0.75
+    # x + x = 0.5, 1.0, 1.5; scalar loop (3 < 64 elements) adds z before rounding: 1.5 -> 2, 2.0, 2.5 -> 2
+    assert_bit_exact(f.add(x, x).int_repr(), torch.tensor([2, 2, 2], dtype=U8), "add")
+    neg = QTensor(torch.tensor([0, 0, 0], dtype=U8), 0.25, 3)  # -0.75 each
+    assert_bit_exact(f.add_relu(x, neg).int_repr(), torch.tensor([1, 1, 1], dtype=U8), "add_relu")  # max(., 0) + 1
+    # mul: (x - 0)(x - 0) * (0.25 * 0.25 / 1) = 0.0625, 0.25, 0.5625 -> 0, 0, 1; + z_y = 1
+    assert_bit_exact(f.mul(x, x).int_repr(), torch.tensor([1, 1, 2], dtype=U8), "mul")
+    y = f.cat([x, x], 0)
+    # cat (1-d: the general path) = quantize_per_tensor: rint(fma(x, 1, 1)): 1.25 -> 1, 1.5 -> 2, 1.75 -> 2
+    assert_bit_exact(y.int_repr(), torch.tensor([1, 2, 2, 1, 2, 2], dtype=U8), "cat")
+    s = f.add_scalar(x, 1.0)  # c_q = rint(1.0 / 0.25) = 4: z - c_q < 0, so the range is stretched: z' = 0,
+    assert int(s.zero_point) == 0 and float(s.scale) == (255 + 4) / 255 * 0.25  # s' = (255 + 4) / 255 * s
+    # (x - z + c_q) * s / s' = 5, 6, 7 times 0.9653 = 4.83, 5.79, 6.76 -> 5, 6, 7
+    assert_bit_exact(s.int_repr(), torch.tensor([5, 6, 7], dtype=U8), "add_scalar")
+    m = f.mul_scalar(x, 2.0)  # only the scale changes
+    assert_bit_exact(m.int_repr(), x.int_repr(), "mul_scalar")
+    assert (float(m.scale), int(m.zero_point)) == (0.5, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (2) from_float parity with torch.ao, one module at a time
+# ----------------------------------------------------------------------------------------------------------
+class Wrap(nn.Module):
+    """quant -> body (a conv/linear, maybe with BN and ReLU, fused as one QAT module) -> dequant."""
+
+    def __init__(self, parts, body: nn.Sequential):
+        super().__init__()
+        quant, dequant, _ = parts
+        self.quant, self.body, self.dequant = quant(), body, dequant()
+
+    def forward(self, x):
+        return self.dequant(self.body(self.quant(x)))
+
+
+KINDS = {  # kind -> (dims, layers after the conv / linear)
+    "conv": (2, ()), "conv_relu": (2, ("relu",)), "conv_bn": (2, ("bn",)), "conv_bn_relu": (2, ("bn", "relu")),
+    "conv1d": (1, ()), "conv_relu1d": (1, ("relu",)), "conv_bn1d": (1, ("bn",)), "conv_bn_relu1d": (1, ("bn", "relu")),
+    "conv3d": (3, ()), "conv_bn_relu3d": (3, ("bn", "relu")),
+    "linear": (0, ()), "linear_relu": (0, ("relu",)), "linear_bn": (0, ("bn",)),
+}
+
+
+@st.composite
+def layer_specs(draw):
+    kind = draw(st.sampled_from(sorted(KINDS)))
+    dims = KINDS[kind][0]
+    spec = dict(kind=kind, bias=draw(st.booleans()), qconfig=draw(st.sampled_from(QCONFIG_NAMES)),
+                observers=draw(st.booleans()), precomputed=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+    if dims == 0:
+        spec.update(cin=draw(st.integers(1, 24)), cout=draw(st.integers(1, 12)))
+        return spec
+    groups = draw(st.sampled_from([1, 1, 2, 4])) if dims == 2 else 1
+    spec.update(cin=groups * draw(st.integers(1, 3)), cout=groups * draw(st.integers(1, 3)), groups=groups,
+                kernel=draw(st.integers(1, 3)), stride=draw(st.integers(1, 2)), padding=draw(st.integers(0, 2)),
+                dilation=draw(st.integers(1, 2)), size=draw(st.integers(5, 8) if dims < 3 else st.just(4)))
+    reflect = dims < 3 and spec["padding"] > 0 and draw(st.booleans())
+    spec["padding_mode"] = "reflect" if reflect else "zeros"
+    return spec
+
+
+def _float_body(spec: dict) -> nn.Sequential:
+    dims, extra = KINDS[spec["kind"]]
+    if dims == 0:
+        layers = [nn.Linear(spec["cin"], spec["cout"], bias=spec["bias"])]
+        bn = nn.BatchNorm1d
+    else:
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        layers = [conv(spec["cin"], spec["cout"], spec["kernel"], spec["stride"], spec["padding"],
+                       spec["dilation"], spec["groups"], bias=spec["bias"], padding_mode=spec["padding_mode"])]
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+    layers += [bn(spec["cout"]) if e == "bn" else nn.ReLU() for e in extra]
+    return nn.Sequential(*layers)
+
+
+def _input_shape(spec: dict, batch: int) -> tuple[int, ...]:
+    dims = KINDS[spec["kind"]][0]
+    return (batch, spec["cin"]) if dims == 0 else (batch, spec["cin"]) + (spec["size"],) * dims
+
+
+def prepared_pair(spec: dict):
+    """torch.ao's prepared ``Wrap`` after 3 training forwards and an SGD step, and minqat's with the same state."""
+    gen = torch.Generator().manual_seed(spec["seed"])
+    torch.manual_seed(spec["seed"])
+    float_model = Wrap(torch_ao_parts(), _float_body(spec)).train()
+    randomize_bn(float_model, gen)
+    group = [f"body.{i}" for i in range(len(float_model.body))]
+    tq = ao()
+    qat_mapping, _ = torch_conv1d_mappings()
+
+    theirs = copy.deepcopy(float_model)
+    theirs.qconfig = qconfig(tq, spec["qconfig"])
+    if len(group) > 1:
+        theirs = tq.fuse_modules_qat(theirs, [group])
+    theirs = tq.prepare_qat(theirs, mapping=qat_mapping)
+    opt = torch.optim.SGD(theirs.parameters(), lr=0.05)
+    for _ in range(3):
+        x = torch.randn(_input_shape(spec, 4), generator=gen)
+        loss = theirs(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+    opt.step()
+
+    ours = copy.deepcopy(float_model)  # minqat swaps torch.ao's stubs for its own
+    ours.qconfig = qconfig(minqat, spec["qconfig"])
+    if len(group) > 1:
+        ours = minqat.fuse_modules_qat(ours, [group])
+    ours = minqat.prepare_qat(ours)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for model in (theirs, ours):
+        model.eval()
+    if not spec["observers"]:
+        theirs.apply(tq.disable_observer)
+        ours.apply(minqat.disable_observer)
+    return ours, theirs
+
+
+def random_input(shape, scale: float, zero_point: int, gen: torch.Generator) -> QTensor:
+    """A QTensor with integers in [0, 127] (numerics.md §7.2)."""
+    return QTensor(torch.randint(0, 128, shape, generator=gen, dtype=U8), scale, zero_point)
+
+
+@requires_ao
+@settings(max_examples=100)
+@given(spec=layer_specs())
+def test_from_float_matches_torch_ao(spec):
+    ours_prepared, theirs_prepared = prepared_pair(spec)
+    _, static_mapping = torch_conv1d_mappings()
+    theirs_qat, ours_qat = theirs_prepared.body[0], ours_prepared.body[0]
+    flag = spec["precomputed"]  # linear layers then skip the extra weight observer step; convs ignore it
+    with quantized_engine("fbgemm"):
+        theirs = static_mapping[type(theirs_qat)].from_float(copy.deepcopy(theirs_qat), use_precomputed_fake_quant=flag)
+    ours = CONVERT_MODULE_MAPPING[type(ours_qat)].from_float(copy.deepcopy(ours_qat), use_precomputed_fake_quant=flag)
+    assert type(ours).__name__ == type(theirs).__name__
+    assert ours._get_name() == theirs._get_name()
+    assert_same_int8_module(ours, theirs, spec["kind"])
+
+    gen = torch.Generator().manual_seed(spec["seed"] + 1)
+    x = random_input(_input_shape(spec, 3), 0.02 + torch.rand(1, generator=gen).item() / 10,
+                     int(torch.randint(0, 128, (1,), generator=gen)), gen)
+    with quantized_engine("fbgemm"):
+        expected = theirs(to_torch(x))
+    assert_same_qtensor(ours(x), expected, spec["kind"])
+
+
+@requires_ao
+def test_quantize_from_float_matches_torch_ao():
+    ours_prepared, theirs_prepared = prepared_pair(dict(kind="linear", cin=3, cout=2, bias=True,
+                                                        qconfig="fbgemm-v1", observers=True, seed=5))
+    tnnq = pytest.importorskip("torch.ao.nn.quantized")
+    theirs = tnnq.Quantize.from_float(theirs_prepared.quant)
+    ours = Quantize.from_float(ours_prepared.quant)
+    assert_same_int8_module(ours, theirs, "Quantize")
+    assert ours.dtype == torch.uint8
+    x = torch.randn(64, 8) * 3
+    assert_same_qtensor(ours(x), theirs(x), "Quantize")
+    assert_bit_exact(DeQuantize()(ours(x)), tnnq.DeQuantize()(theirs(x)), "DeQuantize")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (3) properties
+# ----------------------------------------------------------------------------------------------------------
+@st.composite
+def conv_modules(draw, relu: bool = False, per_channel: bool = True, bias: bool | None = None):
+    cin, cout = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    has_bias = draw(st.booleans()) if bias is None else bias
+    conv = (ConvReLU2d if relu else Conv2d)(cin, cout, draw(st.integers(1, 3)), padding=draw(st.integers(0, 1)),
+                                           bias=has_bias)
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randint(-128, 128, conv.weight_int.shape, generator=gen, dtype=I8)
+    scale = torch.rand(cout, generator=gen) / 50 + 1e-3
+    scale, zp = (scale, torch.zeros(cout, dtype=torch.long)) if per_channel else (scale[0], torch.tensor(0))
+    conv.set_weight_bias(w, scale, zp, torch.randn(cout, generator=gen) if has_bias else None)
+    conv.scale, conv.zero_point = draw(st.floats(0.05, 2.0)), draw(st.integers(0, 127))
+    x = random_input((2, cin, 5, 5), draw(st.floats(0.01, 0.5)), draw(st.integers(0, 127)), gen)
+    return conv, x
+
+
+@given(case=conv_modules())
+def test_conv_relu_is_conv_clamped_at_the_zero_point(case):
+    conv, x = case
+    fused = ConvReLU2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                       bias=conv.bias() is not None)
+    fused.load_state_dict(conv.state_dict())
+    y, y_relu = conv(x), fused(x)
+    assert_bit_exact(y_relu.int_repr(), y.int_repr().clamp_min(conv.zero_point), "relu")
+    assert (float(y_relu.scale), int(y_relu.zero_point)) == (conv.scale, conv.zero_point)
+
+
+@given(case=conv_modules(bias=False))
+def test_per_channel_weights_with_one_scale_equal_per_tensor_weights(case):
+    conv, x = case
+    per_tensor = copy.deepcopy(conv)
+    common = conv.weight_scale[0]
+    conv.set_weight_bias(conv.weight_int, common.expand(conv.out_channels).clone(),
+                         torch.zeros(conv.out_channels, dtype=torch.long), None)
+    per_tensor.set_weight_bias(conv.weight_int, common.clone(), torch.tensor(0), None)
+    assert conv.weight().axis == 0 and per_tensor.weight().axis is None
+    assert_bit_exact(conv(x).int_repr(), per_tensor(x).int_repr(), "per channel vs per tensor")
+
+
+@settings(max_examples=20)
+@given(case=conv_modules(per_channel=False))
+def test_state_dict_round_trip_and_deepcopy(case):
+    conv, x = case
+    fresh = Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                   bias=conv.bias() is not None)
+    state = conv.state_dict()
+    assert {"weight_int", "weight_scale", "weight_zero_point", "scale", "zero_point"} <= set(state)
+    fresh.load_state_dict(state, strict=True)
+    for other in (fresh, copy.deepcopy(conv)):
+        assert_bit_exact(other(x).int_repr(), conv(x).int_repr(), "reloaded")
+        assert (other.scale, other.zero_point) == (conv.scale, conv.zero_point)
+    lin = Linear(3, 2, bias_=False)
+    lin.set_weight_bias(torch.ones(2, 3, dtype=I8), torch.tensor([0.5, 0.25]), torch.tensor([0, 1]), torch.ones(2))
+    again = Linear(3, 2)
+    again.load_state_dict(lin.state_dict(), strict=True)  # per-channel qparams replace the per-tensor defaults
+    assert_bit_exact(again.weight_scale, lin.weight_scale, "linear scales")
+
+
+def test_weight_accessor_is_a_qtensor():
+    conv = _conv_3x3_ones(False)
+    w = conv.weight()
+    assert isinstance(w, QTensor) and w.axis == 0
+    assert_bit_exact(w.dequantize(), torch.full((1, 1, 3, 3), 0.25), "weight")
+    assert repr(conv).startswith("QuantizedConv2d(1, 1, kernel_size=(3, 3)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------------------
+def test_wrong_input_kind_is_named():
+    conv, x = _conv_3x3_ones(False), QTensor(torch.zeros(1, 1, 2, 2, dtype=U8), 0.5, 0)
+    with pytest.raises(TypeError, match="QuantizedConv2d expects a QTensor input .* got a torch.Tensor of dtype "
+                                        "torch.float32"):
+        conv(torch.zeros(1, 1, 2, 2))
+    with pytest.raises(TypeError, match="QuantizedLinear expects a QTensor input"):
+        Linear(2, 2)(torch.zeros(1, 2))
+    with pytest.raises(TypeError, match="QFunctional.add expects a QTensor input"):
+        QFunctional().add(x, torch.zeros(1, 1, 2, 2))
+    with pytest.raises(TypeError, match="Quantize expects a float tensor, got a QTensor"):
+        Quantize(1.0, 0)(x)
+    with pytest.raises(TypeError, match="Quantize expects a float tensor, got a torch.uint8 tensor"):
+        Quantize(1.0, 0)(x.int_repr())
+    with pytest.raises(TypeError, match="DeQuantize expects a QTensor .* got a torch.Tensor of dtype torch.float32"):
+        DeQuantize()(torch.zeros(2))
+    per_channel = QTensor(torch.zeros(1, 1, 2, 2, dtype=U8), torch.tensor([0.5]), torch.tensor([0]), axis=1)
+    with pytest.raises(TypeError, match="expects a per-tensor QTensor input, got one quantized per channel"):
+        conv(per_channel)
+    with pytest.raises(ValueError, match=r"QuantizedConv2d expects an input of shape \(N, C, H, W\), got \(2, 2\)"):
+        conv(QTensor(torch.zeros(2, 2, dtype=U8), 0.5, 0))
+    with pytest.raises(ValueError, match=r"QuantizedLinear expects an input of shape \(\.\.\., 2\), got \(1, 3\)"):
+        Linear(2, 2)(QTensor(torch.zeros(1, 3, dtype=U8), 0.5, 0))
+    with pytest.raises(RuntimeError, match="QFunctional is not meant to be called"):
+        QFunctional()(x)
+    with pytest.raises(ValueError, match="QFunctional.cat expects a non-empty list of QTensors"):
+        QFunctional().cat([])
+
+
+def test_bad_construction_is_named():
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        Conv2d(1, 1, 1, padding_mode="circular")
+    with pytest.raises(ValueError, match="padding='same' is not supported by the int8 convolution"):
+        Conv2d(1, 1, 3, padding="same")
+    with pytest.raises(ValueError, match="groups must divide in_channels"):
+        Conv2d(3, 4, 1, groups=2)
+    with pytest.raises(ValueError, match="in_channels and out_channels must be positive"):
+        Conv2d(0, 1, 1)
+    with pytest.raises(ValueError, match="in_features and out_features must be positive"):
+        Linear(0, 1)
+    with pytest.raises(ValueError, match="dtype must be torch.int8"):
+        Linear(1, 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="dtype must be torch.uint8 or torch.int8"):
+        Quantize(1.0, 0, torch.int32)
+    conv = Conv2d(1, 2, 1)
+    with pytest.raises(ValueError, match=r"w_int must be an int8 tensor of shape \(2, 1, 1, 1\)"):
+        conv.set_weight_bias(torch.zeros(2, 1, 1, 1), torch.tensor(1.0), torch.tensor(0), torch.zeros(2))
+    with pytest.raises(ValueError, match="w_scale and w_zero_point must both be 0-d or"):
+        conv.set_weight_bias(torch.zeros(2, 1, 1, 1, dtype=I8), torch.ones(2), torch.tensor(0), torch.zeros(2))
+    with pytest.raises(ValueError, match="bias must be a tensor for this module"):
+        conv.set_weight_bias(torch.zeros(2, 1, 1, 1, dtype=I8), torch.tensor(1.0), torch.tensor(0), None)
+    with pytest.raises(ValueError, match=r"w_int must be an int8 tensor of shape \(1, 1\)"):
+        Linear(1, 1).set_weight_bias(torch.zeros(1, 2, dtype=I8), torch.tensor(1.0), torch.tensor(0), None)
+    with pytest.raises(ValueError, match="w_scale and w_zero_point must both be 0-d or"):
+        Linear(1, 1).set_weight_bias(torch.zeros(1, 1, dtype=I8), torch.ones(1, 1), torch.zeros(1, 1), None)
+
+
+def _qat_conv(qconfig_=None) -> nn.Module:
+    conv = nn.Conv2d(1, 2, 1)
+    conv.qconfig = qconfig_ or minqat.get_default_qat_qconfig("fbgemm", 0)
+    return minqat.nn.qat.Conv2d.from_float(conv)
+
+
+def test_from_float_bad_input_is_named():
+    qat = _qat_conv()
+    with pytest.raises(ValueError, match="Conv2d.from_float needs a Conv2d with an output observer"):
+        Conv2d.from_float(qat)
+    qat.activation_post_process = qat.qconfig.activation()
+    with pytest.raises(ValueError, match=r"its output observer \(activation_post_process\) \(FakeQuantize\) never "
+                                         r"observed a batch \(min_val=inf, max_val=-inf\)"):
+        Conv2d.from_float(qat)
+    qat.activation_post_process(torch.randn(4))
+    qat.weight_fake_quant.disable_observer()
+    with pytest.raises(ValueError, match=r"its weight fake quant \(FakeQuantize\) never observed a batch \(empty"):
+        Conv2d.from_float(qat)
+    with pytest.raises(ValueError, match="Conv2d.from_float expects a QAT conv or a Conv2d, got Linear"):
+        Conv2d.from_float(nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="Conv2d.from_float needs a Conv2d with a qconfig"):
+        Conv2d.from_float(nn.Conv2d(1, 1, 1))
+    with pytest.raises(ValueError, match="Linear.from_float expects a QAT linear or one of Linear"):
+        lin = nn.Conv2d(1, 1, 1)
+        lin.activation_post_process = nn.Identity()
+        Linear.from_float(lin)
+    with pytest.raises(ValueError, match="Linear.from_float needs a Linear with an output observer"):
+        Linear.from_float(nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="QFunctional.from_float expects a FloatFunctional, got Linear"):
+        QFunctional.from_float(nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="QFunctional.from_float needs a prepared FloatFunctional"):
+        QFunctional.from_float(minqat.FloatFunctional())
+    with pytest.raises(ValueError, match="Quantize.from_float needs a QuantStub with an output observer"):
+        Quantize.from_float(minqat.QuantStub())
+
+
+def test_unobserved_float_functional_converts_but_its_observed_ops_raise():
+    ff = minqat.FloatFunctional()
+    ff.activation_post_process = minqat.get_default_qat_qconfig("fbgemm").activation()
+    q = QFunctional.from_float(ff)  # only add_scalar / mul_scalar used: nothing observed, still fine
+    x = QTensor(torch.tensor([4], dtype=U8), 0.5, 0)
+    assert int(q.add_scalar(x, 1.0).zero_point) == 0
+    with pytest.raises(ValueError, match="QFunctional.add needs output qparams, but the FloatFunctional"):
+        q.add(x, x)
+    with pytest.raises(ValueError, match="QFunctional.cat needs output qparams"):
+        q.cat([x])
+
+
+def test_weight_quantization_bad_observers_are_named():
+    obs = minqat.MovingAveragePerChannelMinMaxObserver(ch_axis=1, dtype=torch.int8,
+                                                       qscheme=torch.per_channel_symmetric)
+    obs(torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"per-channel weight qparams must run along the output channels "
+                                         r"\(ch_axis=0\)"):
+        quantize_weight(torch.randn(2, 3), obs)
+    uint8 = minqat.MinMaxObserver(dtype=torch.uint8)
+    uint8(torch.randn(3))
+    with pytest.raises(ValueError, match="the weight observer must have dtype torch.int8"):
+        quantize_weight(torch.randn(3), uint8)
+    require_statistics(None, "nothing")  # no observer: nothing to check
+    learnable = minqat.LearnableFakeQuantize(minqat.MovingAverageMinMaxObserver, quant_min=0, quant_max=255)
+    require_statistics(learnable, "learned")  # qparams are parameters: never "unobserved"
