@@ -145,3 +145,17 @@ def require_qtensor(x, owner: str) -> QTensor:
     if x.axis is not None:
         raise TypeError(f"{owner} expects a per-tensor QTensor input, got one quantized per channel (axis={x.axis})")
     return x
+
+
+class IntWeightAccessors:
+    """torch's ``weight()`` / ``bias()`` accessors over the int8 modules' plain buffers
+    ``weight_int``, ``weight_scale``, ``weight_zero_point`` and ``bias_float``."""
+
+    def weight(self) -> QTensor:
+        """The int8 weight as a ``QTensor`` (per channel along axis 0, or per tensor), like torch's ``weight()``."""
+        axis = 0 if self.weight_scale.dim() == 1 else None
+        return QTensor(self.weight_int, self.weight_scale, self.weight_zero_point, axis=axis)
+
+    def bias(self) -> torch.Tensor | None:
+        """The float32 bias (added in the real domain by the kernel), or None."""
+        return self.bias_float

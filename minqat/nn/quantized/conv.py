@@ -47,7 +47,7 @@ from ...kernels import quantized_conv1d, quantized_conv2d, quantized_conv3d
 from ...nn.intrinsic import fused
 from ...nn.intrinsic.qat.conv_bn import _ConvBnNd
 from ...qtensor import QTensor
-from .common import observe_weight, output_qparams, quantize_weight, require_qtensor, require_statistics
+from .common import IntWeightAccessors, observe_weight, output_qparams, quantize_weight, require_qtensor, require_statistics
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvReLU1d", "ConvReLU2d", "ConvReLU3d"]
 
@@ -74,7 +74,7 @@ def _geometry(value, dims: int, name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in _ntuple(dims)(value))
 
 
-class _ConvNd(nn.Module):
+class _ConvNd(IntWeightAccessors, nn.Module):
     """Shared by the 1-d/2-d/3-d convs and their fused-ReLU twins (class attributes pick the variant)."""
 
     _DIMS: ClassVar[int]
@@ -129,15 +129,6 @@ class _ConvNd(nn.Module):
         self.weight_scale = w_scale.detach().float().clone()
         self.weight_zero_point = w_zero_point.detach().long().clone()
         self.bias_float = None if bias is None else bias.detach().float().clone()
-
-    def weight(self) -> QTensor:
-        """The int8 weight as a ``QTensor`` (per channel along axis 0, or per tensor), like torch's ``weight()``."""
-        axis = 0 if self.weight_scale.dim() == 1 else None
-        return QTensor(self.weight_int, self.weight_scale, self.weight_zero_point, axis=axis)
-
-    def bias(self) -> torch.Tensor | None:
-        """The float32 bias (added in the real domain by the kernel), or None."""
-        return self.bias_float
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("weight_scale", "weight_zero_point"):  # per tensor () or per channel (C_out,)

@@ -33,12 +33,12 @@ from ...kernels import quantized_linear
 from ...nn.intrinsic import fused
 from ...nn.intrinsic.qat.linear_bn import LinearBn1d
 from ...qtensor import QTensor
-from .common import observe_weight, output_qparams, quantize_weight, require_qtensor, require_statistics
+from .common import IntWeightAccessors, observe_weight, output_qparams, quantize_weight, require_qtensor, require_statistics
 
 __all__ = ["Linear", "LinearReLU"]
 
 
-class Linear(nn.Module):
+class Linear(IntWeightAccessors, nn.Module):
     """int8 ``Linear``: ``(..., in_features)`` QTensor in, ``(..., out_features)`` QTensor out."""
 
     _RELU: ClassVar[bool] = False
@@ -81,15 +81,6 @@ class Linear(nn.Module):
         self.weight_scale = w_scale.detach().float().clone()
         self.weight_zero_point = w_zero_point.detach().long().clone()
         self.bias_float = None if bias is None else bias.detach().float().clone()
-
-    def weight(self) -> QTensor:
-        """The int8 weight as a ``QTensor`` (per channel along axis 0, or per tensor), like torch's ``weight()``."""
-        axis = 0 if self.weight_scale.dim() == 1 else None
-        return QTensor(self.weight_int, self.weight_scale, self.weight_zero_point, axis=axis)
-
-    def bias(self) -> torch.Tensor | None:
-        """The float32 bias (added in the real domain by the kernel), or None."""
-        return self.bias_float
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("weight_scale", "weight_zero_point", "bias_float"):  # shapes depend on the scheme / bias
