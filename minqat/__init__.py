@@ -64,6 +64,7 @@ from .prepare import prepare, prepare_qat, propagate_qconfig_, swap_module
 
 from .qtensor import QTensor
 from .convert import convert, get_convert_module_mapping
+from .report import LayerReport, compare_layers
 
 __version__ = "0.1.0"
 
@@ -84,5 +85,5 @@ __all__ = [
     "freeze_bn_stats", "update_bn_stats", "fuse_conv_bn_weights", "fuse_linear_bn_weights",
     "fuse_modules", "fuse_modules_qat", "get_qat_module_mapping",
     "propagate_qconfig_", "prepare", "prepare_qat", "swap_module",
-    "QTensor", "convert", "get_convert_module_mapping",
+    "QTensor", "convert", "get_convert_module_mapping", "compare_layers", "LayerReport",
 ]

@@ -61,7 +61,8 @@ from .nn.quantized import linear as qlinear
 from .nn.quantized.functional import QFunctional
 from .nn.quantized.stubs import DeQuantize, Quantize
 from .observers import ObserverBase
-from .prepare import _observer_forward_hook, _observer_forward_pre_hook, swap_module
+from .consistent import consistent_int8_module
+from .prepare import _copy_hooks, _observer_forward_hook, _observer_forward_pre_hook, _single_device, swap_module
 from .stubs import DeQuantStub, FloatFunctional, QuantStub
 
 __all__ = ["CONVERT_MODULE_MAPPING", "get_convert_module_mapping", "convert"]
@@ -128,11 +129,21 @@ def _observed_by_prepare(module: nn.Module) -> bool:
             or any(h is _observer_forward_pre_hook for h in module._forward_pre_hooks.values()))
 
 
-def _swap(child: nn.Module, mapping: dict, path: str, model_training: bool) -> nn.Module:
+def _swap_consistent(child: nn.Module, mapping: dict, path: str) -> nn.Module:
+    """``swap_module`` for ``consistent=True``: the int8 module is built by ``minqat.consistent``."""
+    new = consistent_int8_module(child, mapping[type_before_parametrizations(child)], f"'{path}'")
+    _copy_hooks(child, new, skip=(_observer_forward_hook, _observer_forward_pre_hook))
+    device = _single_device(child, "convert")
+    return new if device is None else new.to(device)
+
+
+def _swap(child: nn.Module, mapping: dict, path: str, model_training: bool, consistent: bool) -> nn.Module:
     child_type = type_before_parametrizations(child)
     if getattr(child, "qconfig", None) is None:
         return child
     if child_type in mapping:
+        if consistent:
+            return _swap_consistent(child, mapping, path)
         try:
             return swap_module(child, mapping)
         except ValueError as err:
@@ -146,15 +157,15 @@ def _swap(child: nn.Module, mapping: dict, path: str, model_training: bool) -> n
     return child
 
 
-def _convert_children(module: nn.Module, mapping: dict, prefix: str, model_training: bool) -> None:
+def _convert_children(module: nn.Module, mapping: dict, prefix: str, model_training: bool, consistent: bool) -> None:
     """torch.ao's ``_convert``: children first (fused units whole), then swap each child."""
     for name, child in list(module.named_children()):
         path = f"{prefix}.{name}" if prefix else name
         if _is_post_process(child):  # an observer or fake quant: nothing inside to convert
             continue
         if not is_fused_container(child):
-            _convert_children(child, mapping, path, model_training)
-        module._modules[name] = _swap(child, mapping, path, model_training)
+            _convert_children(child, mapping, path, model_training, consistent)
+        module._modules[name] = _swap(child, mapping, path, model_training, consistent)
 
 
 def _remove_qconfig(module: nn.Module) -> None:
@@ -172,7 +183,7 @@ def _remove_qconfig(module: nn.Module) -> None:
 
 
 def convert(module: nn.Module, mapping: dict | None = None, inplace: bool = False,
-            remove_qconfig: bool = True) -> nn.Module:
+            remove_qconfig: bool = True, consistent: bool = False) -> nn.Module:
     """Swap a prepared, trained (or calibrated) model's modules for int8 ones, torch.ao's ``convert``.
 
     Call ``model.eval()`` first (convert does not need it, but the int8 model is for inference);
@@ -185,6 +196,11 @@ def convert(module: nn.Module, mapping: dict | None = None, inplace: bool = Fals
         mapping: prepared module type -> int8 module type; default ``CONVERT_MODULE_MAPPING``.
         inplace: convert ``module`` itself.
         remove_qconfig: remove ``qconfig`` attributes, observers and observer hooks afterwards.
+        consistent: ``False`` (default) reproduces torch.ao's convert bit for bit: BN folded with
+            ``rsqrt``, one more weight-observer step, qparams from ``calculate_qparams()``. ``True``
+            deploys exactly what the fake quants used in the last eval forward (``minqat.consistent``):
+            the trained weight codes and qparams, no observer step; each layer's int8 output is then
+            within 1 LSB of its fake-quant layer. Needs the model in eval mode.
 
     Returns:
         The int8 model: float tensors in at each ``Quantize``, ``QTensor`` s between int8 modules,
@@ -201,7 +217,10 @@ def convert(module: nn.Module, mapping: dict | None = None, inplace: bool = Fals
     _check_prepared(module)
     if not inplace:
         module = copy.deepcopy(module)
-    _convert_children(module, mapping, "", module.training)
+    if consistent and module.training:
+        raise ValueError("convert(..., consistent=True) needs the model in eval mode (model.eval()): it deploys "
+                         "what the last eval forward computed, with BN on its running statistics")
+    _convert_children(module, mapping, "", module.training, consistent)
     if remove_qconfig:
         _remove_qconfig(module)
     return module

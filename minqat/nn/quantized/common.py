@@ -38,7 +38,7 @@ from ...qparams import PER_CHANNEL_QSCHEMES, PER_TENSOR_QSCHEMES
 from ...qtensor import QTensor
 
 __all__ = ["quantize_weight", "observe_weight", "require_statistics", "require_qtensor", "output_qparams",
-           "check_weight_dtype"]
+           "check_weight_dtype", "clamp_to_output_range", "save_output_range", "load_output_range"]
 
 
 def _observer(post_process: nn.Module) -> nn.Module:
@@ -145,6 +145,30 @@ def require_qtensor(x, owner: str) -> QTensor:
     if x.axis is not None:
         raise TypeError(f"{owner} expects a per-tensor QTensor input, got one quantized per channel (axis={x.axis})")
     return x
+
+
+def clamp_to_output_range(y_int: torch.Tensor, output_range: tuple[int, int] | None) -> torch.Tensor:
+    """Clamp output integers to ``output_range = (quant_min, quant_max)``, or leave them (``None``).
+
+    torch.ao's int8 ops clamp to the dtype's range (uint8: [0, 255]) even where the fake quant trained
+    with a narrower one (``reduce_range``: [0, 127]); ``convert(..., consistent=True)`` sets
+    ``output_range`` to the fake quant's range so the int8 model clamps where training clamped.
+    ``clamp(clamp(v, 0, 255), lo, hi) = clamp(v, lo, hi)`` for ``0 <= lo <= hi <= 255``, so clamping
+    after the kernel is exact.
+    """
+    return y_int if output_range is None else y_int.clamp(*output_range)
+
+
+def save_output_range(module: nn.Module, destination: dict, prefix: str) -> None:
+    """Store a set ``output_range`` as an ``(2,)`` int64 entry of the state dict (absent when ``None``)."""
+    if getattr(module, "output_range", None) is not None:
+        destination[prefix + "output_range"] = torch.tensor(module.output_range)
+
+
+def load_output_range(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Pop the ``output_range`` entry (if any) and set the attribute from it (``None`` when absent)."""
+    value = state_dict.pop(prefix + "output_range", None)
+    module.output_range = None if value is None else tuple(int(v) for v in value.tolist())
 
 
 class IntWeightAccessors:

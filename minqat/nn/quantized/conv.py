@@ -47,7 +47,8 @@ from ...kernels import quantized_conv1d, quantized_conv2d, quantized_conv3d
 from ...nn.intrinsic import fused
 from ...nn.intrinsic.qat.conv_bn import _ConvBnNd
 from ...qtensor import QTensor
-from .common import IntWeightAccessors, observe_weight, output_qparams, quantize_weight, require_qtensor, require_statistics
+from .common import (IntWeightAccessors, clamp_to_output_range, load_output_range, observe_weight, output_qparams,
+                     quantize_weight, require_qtensor, require_statistics, save_output_range)
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvReLU1d", "ConvReLU2d", "ConvReLU3d"]
 
@@ -111,6 +112,7 @@ class _ConvNd(IntWeightAccessors, nn.Module):
         self.register_buffer("bias_float", torch.zeros(out_channels, device=device) if bias else None)
         self.scale: float = 1.0  # output qparams (Python numbers, like torch.ao)
         self.zero_point: int = 0
+        self.output_range: tuple[int, int] | None = None  # convert(consistent=True): the fake quant's range
 
     # --- parameters -------------------------------------------------------------------------------
 
@@ -136,12 +138,14 @@ class _ConvNd(IntWeightAccessors, nn.Module):
                 self._buffers[name] = torch.empty_like(state_dict[prefix + name])
         self.scale = float(state_dict.pop(prefix + "scale", self.scale))
         self.zero_point = int(state_dict.pop(prefix + "zero_point", self.zero_point))
+        load_output_range(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "scale"] = torch.tensor(self.scale, dtype=torch.float64)  # exact round trip
         destination[prefix + "zero_point"] = torch.tensor(self.zero_point)
+        save_output_range(self, destination, prefix)
 
     # --- forward --------------------------------------------------------------------------------
 
@@ -159,6 +163,7 @@ class _ConvNd(IntWeightAccessors, nn.Module):
             x_int, x.scale, x.zero_point, self.weight_int, self.weight_scale, self.weight_zero_point,
             self.bias_float, y_scale=self.scale, y_zero_point=self.zero_point, stride=self.stride,
             padding=padding, dilation=self.dilation, groups=self.groups, relu=self._RELU, dtype=x_int.dtype)
+        y_int = clamp_to_output_range(y_int, self.output_range)
         return QTensor(_channels_last(y_int, self._DIMS), self.scale, self.zero_point)
 
     def _get_name(self) -> str:

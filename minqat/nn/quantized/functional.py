@@ -34,7 +34,7 @@ from torch import nn
 from ...kernels import elementwise
 from ...qtensor import QTensor
 from ...stubs import FloatFunctional
-from .common import output_qparams, require_qtensor, require_statistics
+from .common import clamp_to_output_range, load_output_range, output_qparams, require_qtensor, require_statistics, save_output_range
 
 __all__ = ["QFunctional"]
 
@@ -48,15 +48,18 @@ class QFunctional(nn.Module):
         self.zero_point: int = 0
         self.activation_post_process = nn.Identity()  # as torch.ao: kept, so hooks see the same structure
         self.observed = True  # False: converted from a FloatFunctional whose observer never saw a batch
+        self.output_range: tuple[int, int] | None = None  # convert(consistent=True): the fake quant's range
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "scale"] = torch.tensor(self.scale, dtype=torch.float64)  # exact round trip
         destination[prefix + "zero_point"] = torch.tensor(self.zero_point)
+        save_output_range(self, destination, prefix)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.scale = float(state_dict.pop(prefix + "scale", self.scale))
         self.zero_point = int(state_dict.pop(prefix + "zero_point", self.zero_point))
+        load_output_range(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _get_name(self) -> str:
@@ -79,6 +82,7 @@ class QFunctional(nn.Module):
         x, y = require_qtensor(x, f"QFunctional.{name}"), require_qtensor(y, f"QFunctional.{name}")
         y_int = op(x.int_repr(), x.scale, x.zero_point, y.int_repr(), y.scale, y.zero_point,
                    self.scale, self.zero_point)
+        y_int = clamp_to_output_range(y_int, self.output_range)
         return self.activation_post_process(QTensor(y_int, self.scale, self.zero_point))
 
     def add(self, x: QTensor, y: QTensor) -> QTensor:
@@ -121,6 +125,7 @@ class QFunctional(nn.Module):
         x = [require_qtensor(t, "QFunctional.cat") for t in x]
         y_int = elementwise.cat([t.int_repr() for t in x], [t.scale for t in x], [t.zero_point for t in x],
                                 dim, self.scale, self.zero_point)
+        y_int = clamp_to_output_range(y_int, self.output_range)
         return self.activation_post_process(QTensor(y_int, self.scale, self.zero_point))
 
     @classmethod

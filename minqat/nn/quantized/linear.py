@@ -33,7 +33,8 @@ from ...kernels import quantized_linear
 from ...nn.intrinsic import fused
 from ...nn.intrinsic.qat.linear_bn import LinearBn1d
 from ...qtensor import QTensor
-from .common import IntWeightAccessors, observe_weight, output_qparams, quantize_weight, require_qtensor, require_statistics
+from .common import (IntWeightAccessors, clamp_to_output_range, load_output_range, observe_weight, output_qparams,
+                     quantize_weight, require_qtensor, require_statistics, save_output_range)
 
 __all__ = ["Linear", "LinearReLU"]
 
@@ -64,6 +65,7 @@ class Linear(IntWeightAccessors, nn.Module):
         self.register_buffer("bias_float", torch.zeros(out_features, device=device) if bias_ else None)
         self.scale: float = 1.0  # output qparams (Python numbers, like torch.ao)
         self.zero_point: int = 0
+        self.output_range: tuple[int, int] | None = None  # convert(consistent=True): the fake quant's range
 
     def set_weight_bias(self, w_int: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
                         bias: torch.Tensor | None) -> None:
@@ -88,12 +90,14 @@ class Linear(IntWeightAccessors, nn.Module):
                 self._buffers[name] = torch.empty_like(state_dict[prefix + name])
         self.scale = float(state_dict.pop(prefix + "scale", self.scale))
         self.zero_point = int(state_dict.pop(prefix + "zero_point", self.zero_point))
+        load_output_range(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "scale"] = torch.tensor(self.scale, dtype=torch.float64)  # exact round trip
         destination[prefix + "zero_point"] = torch.tensor(self.zero_point)
+        save_output_range(self, destination, prefix)
 
     def forward(self, x: QTensor) -> QTensor:
         x = require_qtensor(x, self._get_name())
@@ -104,7 +108,7 @@ class Linear(IntWeightAccessors, nn.Module):
         y_int = quantized_linear(x_int, x.scale, x.zero_point, self.weight_int, self.weight_scale,
                                  self.weight_zero_point, self.bias_float, y_scale=self.scale,
                                  y_zero_point=self.zero_point, relu=self._RELU, dtype=x_int.dtype)
-        return QTensor(y_int, self.scale, self.zero_point)
+        return QTensor(clamp_to_output_range(y_int, self.output_range), self.scale, self.zero_point)
 
     def _get_name(self) -> str:
         return "Quantized" + type(self).__name__

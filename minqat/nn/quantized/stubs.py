@@ -24,7 +24,7 @@ from torch import nn
 
 from ...dtypes import plain_dtype
 from ...qtensor import QTensor
-from .common import require_statistics
+from .common import clamp_to_output_range, load_output_range, require_statistics, save_output_range
 
 __all__ = ["Quantize", "DeQuantize"]
 
@@ -42,13 +42,25 @@ class Quantize(nn.Module):
             raise ValueError(f"dtype must be torch.uint8 or torch.int8 (or torch.quint8 / torch.qint8), got {dtype}")
         self.register_buffer("scale", torch.tensor([scale], dtype=torch.float32, device=device))
         self.register_buffer("zero_point", torch.tensor([zero_point], dtype=torch.long, device=device))
+        self.output_range: tuple[int, int] | None = None  # convert(consistent=True): the fake quant's range
 
     def forward(self, x: torch.Tensor) -> QTensor:
         if isinstance(x, QTensor) or not isinstance(x, torch.Tensor) or not x.is_floating_point():
             kind = "a QTensor (already quantized)" if isinstance(x, QTensor) else (
                 f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__)
             raise TypeError(f"Quantize expects a float tensor, got {kind}")
-        return QTensor.quantize(x, self.scale, self.zero_point, self.dtype)
+        q = QTensor.quantize(x, self.scale, self.zero_point, self.dtype)
+        if self.output_range is None:
+            return q
+        return QTensor(clamp_to_output_range(q.int_repr(), self.output_range), q.scale, q.zero_point)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_output_range(self, destination, prefix)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        load_output_range(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def from_float(mod: nn.Module, use_precomputed_fake_quant: bool = False) -> Quantize:
