@@ -47,6 +47,7 @@ from .observers import (
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
     ObserverFactory,
+    _resize_buffer,
 )
 from .qparams import PER_CHANNEL_QSCHEMES, PER_TENSOR_QSCHEMES, SYMMETRIC_QSCHEMES
 from .qparams_fbgemm import choose_qparams_fbgemm
@@ -131,7 +132,8 @@ class FakeQuantize(FakeQuantizeBase):
     range applied is the observer's (``reduce_range`` halves it).
 
     Buffers: ``scale`` (float32) and ``zero_point`` (int32; float32 for the float-qparams scheme),
-    shape ``[1]`` until a per-channel observer resizes them to ``[C]``.
+    shape ``[1]`` until a per-channel observer resizes them to ``[C]`` (in place, on a fresh storage:
+    ``minqat.observers._resize_buffer``, so a module ``torch.load``-ed before its first batch works).
 
     >>> fq = FakeQuantize(MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
     ...                   dtype=torch.int8, qscheme=torch.per_channel_symmetric)
@@ -185,9 +187,8 @@ class FakeQuantize(FakeQuantizeBase):
 
     def _store_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         """Copy qparams into the buffers, resizing them on a change of shape (a metadata test)."""
-        if self.scale.shape != scale.shape:
-            self.scale.resize_(scale.shape)
-            self.zero_point.resize_(zero_point.shape)
+        _resize_buffer(self.scale, scale.shape)  # [1] -> [C] on a per-channel observer's first batch
+        _resize_buffer(self.zero_point, zero_point.shape)
         self.scale.copy_(scale)  # copy_ converts device and dtype (an int64 zero point -> int32)
         self.zero_point.copy_(zero_point)
 
@@ -206,10 +207,10 @@ class FakeQuantize(FakeQuantizeBase):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        # The qparam buffers are sized by the data: take the stored size first (torch.ao does too).
+        # The qparam buffers are sized by the data: take the stored size first (torch.ao does too, with resize_).
         for name in ("scale", "zero_point"):
             if prefix + name in state_dict:
-                getattr(self, name).resize_(state_dict[prefix + name].shape)
+                _resize_buffer(getattr(self, name), state_dict[prefix + name].shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -291,10 +292,10 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
         """First call per channel: size the running min/max (+-inf) and the qparam buffers to C."""
         obs, channels = self.activation_post_process, self._rows(x).size(0)
         if obs.min_val.numel() == 0:
-            obs.min_val.resize_(channels).fill_(math.inf)
-            obs.max_val.resize_(channels).fill_(-math.inf)
-            self.scale.resize_(channels).fill_(1.0)
-            self.zero_point.resize_(channels).fill_(0)
+            _resize_buffer(obs.min_val, (channels,)).fill_(math.inf)
+            _resize_buffer(obs.max_val, (channels,)).fill_(-math.inf)
+            _resize_buffer(self.scale, (channels,)).fill_(1.0)
+            _resize_buffer(self.zero_point, (channels,)).fill_(0)
         elif obs.min_val.numel() != channels:
             raise ValueError(f"this module has seen {obs.min_val.numel()} channels, got an input of shape "
                              f"{tuple(x.shape)} with {channels}")

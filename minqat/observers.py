@@ -14,13 +14,17 @@ Four observers, bit-exact with torch.ao.quantization's classes of the same names
 
 Buffers have torch.ao's names, shapes and state-dict version, so state dicts load both ways with
 ``strict=True``: per-tensor ``min_val``/``max_val`` are 0-d (+inf / -inf until the first batch),
-per-channel ones start empty (shape [0]) and take the channel count of the first batch.
+per-channel ones start empty (shape [0]) and take the channel count of the first batch. That change
+of shape swaps the buffer's storage (:func:`_resize_buffer`) instead of ``Tensor.resize_``, which
+torch.ao uses and which fails on a model ``torch.load``-ed before its first batch.
 
 Differences from torch.ao, all at the public boundary: bad arguments raise ``ValueError`` (torch
 asserts or raises ``NotImplementedError``); on CPU a batch containing NaN or +-inf raises ``ValueError``
 instead of silently turning the qparams into NaN (on accelerators the check would need a host sync, so
 it is skipped and NaN propagates exactly like torch.ao); the moving average's first-batch test is a
-``torch.where`` rather than a Python ``if`` on tensor values (same bits, no host sync).
+``torch.where`` rather than a Python ``if`` on tensor values (same bits, no host sync); a whole
+observer saved with ``torch.save`` before its first batch trains after ``torch.load`` (torch.ao's
+raises "Trying to resize storage that is not resizable").
 
 >>> obs = MovingAverageMinMaxObserver(averaging_constant=0.5)
 >>> _ = obs(torch.tensor([-1.0, 2.0])); _ = obs(torch.tensor([0.0, 4.0]))
@@ -77,6 +81,29 @@ class ObserverFactory(functools.partial):
 
     def with_args(self, **kwargs) -> ObserverFactory:
         return ObserverFactory(self, **kwargs)
+
+
+def _resize_buffer(buffer: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Give ``buffer`` the shape ``shape`` in place, on a fresh storage of its dtype and device.
+
+    Per-channel buffers (observer ``min_val``/``max_val``, fake-quant ``scale``/``zero_point``) take
+    their size from the first batch or from a loaded state dict. torch.ao sizes them with
+    ``Tensor.resize_``, which fails ("Trying to resize storage that is not resizable") when the
+    storage came from ``torch.load`` (or numpy, or a memory map), and then leaves the tensor claiming
+    the new shape over a 0-byte storage. ``buffer.set_(new)`` swaps the storage instead: the tensor
+    *object* stays the module's buffer, so every holder of a reference to it (a hook, a cached
+    ``named_buffers()`` list) sees the new shape exactly as after ``resize_``; only views taken
+    before keep the old storage. The new contents are uninitialised (callers ``copy_`` or ``fill_`` next, as after a
+    growing ``resize_``). The same shape: nothing happens, not even an allocation. No host sync.
+
+    >>> b = torch.tensor([], dtype=torch.int32)
+    >>> _resize_buffer(b, (3,)) is b, b.shape, b.dtype
+    (True, torch.Size([3]), torch.int32)
+    """
+    shape = torch.Size(shape)
+    if buffer.shape != shape:
+        buffer.set_(torch.empty(shape, dtype=buffer.dtype, device=buffer.device))
+    return buffer
 
 
 class ObserverBase(nn.Module):
@@ -359,8 +386,8 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
             )
         else:
             min_val, max_val = self._combine(min_val_cur, max_val_cur)
-        self.min_val.resize_(min_val.shape)
-        self.max_val.resize_(max_val.shape)
+        _resize_buffer(self.min_val, min_val.shape)  # (0,) -> (C,) on the first batch
+        _resize_buffer(self.max_val, max_val.shape)
         self.min_val.copy_(min_val)
         self.max_val.copy_(max_val)
         return x_orig
@@ -370,15 +397,15 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
 
     def reset_min_max_vals(self) -> None:
         """Forget everything observed: back to empty buffers."""
-        self.min_val.resize_(0)
-        self.max_val.resize_(0)
+        _resize_buffer(self.min_val, (0,))
+        _resize_buffer(self.max_val, (0,))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        # The buffers are sized by the data; take the stored size (torch.ao does the same).
+        # The buffers are sized by the data; take the stored size (torch.ao does the same, with resize_).
         for name in ("min_val", "max_val"):
             if prefix + name in state_dict:
-                getattr(self, name).resize_(state_dict[prefix + name].shape)
+                _resize_buffer(getattr(self, name), state_dict[prefix + name].shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

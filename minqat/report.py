@@ -18,18 +18,28 @@ fake-quant model does not round. ``isolated=False`` runs the two models end to e
 how differences accumulate.
 ``LayerReport.first_over(threshold)`` names the first layer whose max difference exceeds ``threshold``.
 
-What to expect (``tests/test_report.py`` measures it on generated models): with torch.ao's convert (the
-default ``convert(model)``), layers differ from their fake-quant twins by several LSB -- the folded weight
-is rounded afresh after one more observer step, with scales from a different formula -- while
-``convert(model, consistent=True)`` keeps every layer within 1 LSB:
+What to expect -- measured on the small ResNet of ``tests/test_consistent.py`` (seed 5, five SGD steps
+with ``get_default_qat_qconfig("fbgemm")``, eval batch of 2x3x8x8, ``isolated=True``):
 
 .. code-block:: text
 
-    convert(prepared)                                  convert(prepared, consistent=True)
-    layer        type         max LSB  mismatch        layer        type         max LSB  mismatch
-    quant        Quantize        0.00    0.0000        quant        Quantize        0.00    0.0000
-    convs.0      ConvReLU2d      3.00    0.2917        convs.0      ConvReLU2d      1.00    0.0035
-    ...                                                ...
+                          convert(prepared)       convert(prepared, consistent=True)
+    layer        type      max LSB  mismatch       max LSB  mismatch
+    quant        Quantize    11.00    0.0026          0.00    0.0000
+    conv1        ConvReLU2d   1.00    0.0547          0.00    0.0000
+    layer1.conv1 ConvReLU2d   1.00    0.0820          0.00    0.0000
+    layer1.conv2 Conv2d       1.00    0.0234          0.00    0.0000
+    layer1.skip  QFunctional  0.00    0.0000          0.00    0.0000
+    layer2.conv1 ConvReLU2d  45.00    0.1016          0.00    0.0000
+    layer2.conv2 Conv2d       1.00    0.0312          0.00    0.0000
+    layer2.down… Conv2d       1.00    0.0859          0.00    0.0000
+    layer2.skip  QFunctional  0.00    0.0000          0.00    0.0000
+    fc           Linear      25.00    0.0500          0.00    0.0000
+
+torch.ao's convert (minqat's default) re-folds and re-observes the weights (the 1-LSB rows: 2-10 % of
+outputs move) and clamps outputs to uint8's [0, 255] where the fake quants clamp to ``reduce_range``'s
+[0, 127] (the 11-, 45- and 25-LSB rows). ``consistent=True`` deploys the trained codes, qparams and range:
+here every output is identical; the tested bound is 1 LSB per layer.
 
 >>> import torch, minqat
 >>> from torch import nn

@@ -11,7 +11,10 @@
     ``strict=True``, and the reverse, for every default QAT qconfig; training then continues bit
     for bit alike on both sides.
 (c) ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load`` of a prepared model (fresh, trained,
-    observers off) give independent copies that train exactly as the original does.
+    observers off) give independent copies that train exactly as the original does. A whole model
+    ``torch.load``-ed before its first step -- whose per-channel buffers then sit on storages that
+    cannot be resized, which breaks torch.ao's ``resize_`` -- trains, loads checkpoints and converts
+    to int8 exactly like the model that was never saved.
 
 The model is test_qat_flow's KITCHEN_SINK: a conv-bn-relu stem, a strided residual block
 (``add_relu``, a depthwise conv-bn with ``momentum=None``, a conv-bn downsample), a residual block
@@ -30,7 +33,8 @@ from torch import nn
 
 import minqat
 import minqat.qconfig as mqc
-from tests.oracle import ao, requires_ao
+from tests.oracle import ao, assert_bit_exact, requires_ao
+from tests.test_convert import ResNet, quantizable_input
 from tests.test_qat_flow import (
     KITCHEN_SINK,
     MINQAT_PARTS,
@@ -195,12 +199,11 @@ def _move_between_libraries(ours_qconfig, theirs_qconfig, direction: str, observ
 
 # --- (c) deepcopy and pickle ------------------------------------------------------------------------------
 
-# torch.load (zip format) gives every tensor a storage that cannot be resized, and a failed
-# Tensor.resize_ leaves the tensor claiming the new shape over a 0-byte storage (printing it then
-# crashes the process). minqat, like torch.ao, sizes per-channel observer and qparam buffers with
-# resize_ on their first batch (and in _load_from_state_dict), so a model torch.load-ed before its
-# observers ever ran cannot train or load a checkpoint. torch.ao fails identically; reported.
-NOT_RESIZABLE = "Trying to resize storage that is not resizable"
+# torch.load (zip format) gives every tensor a storage that cannot be resized. torch.ao sizes the
+# per-channel observer and qparam buffers with Tensor.resize_ on their first batch (and in
+# _load_from_state_dict), so a torch.ao model torch.load-ed before its observers ever ran fails with
+# "Trying to resize storage that is not resizable". minqat swaps in a fresh storage instead
+# (minqat.observers._resize_buffer): the tests below train and load such models.
 
 
 def _clone(model: nn.Module, method: str) -> nn.Module:
@@ -211,16 +214,6 @@ def _clone(model: nn.Module, method: str) -> nn.Module:
     buffer = io.BytesIO()
     torch.save(model, buffer)
     return torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
-
-
-def _xfail_if_not_resizable(action):
-    try:
-        return action()
-    except RuntimeError as err:
-        if NOT_RESIZABLE not in str(err):
-            raise
-    pytest.xfail("torch.load gives non-resizable storages and minqat sizes per-channel buffers with resize_ "
-                 "(torch.ao fails the same way): " + NOT_RESIZABLE)
 
 
 @pytest.mark.parametrize("method", ["deepcopy", "pickle", "torch.save"])
@@ -240,7 +233,7 @@ def test_copies_train_exactly_like_the_original(torch_ao_stubs, when, method):
     clone = _clone(model, method)
     assert all(a is not b for a, b in zip(clone.parameters(), model.parameters())), "the copy shares parameters"
     expected = run(model, sgd(model), data[1:], 1)
-    assert_same_runs(_xfail_if_not_resizable(lambda: run(clone, sgd(clone), data[1:], 1)), expected, method)
+    assert_same_runs(run(clone, sgd(clone), data[1:], 1), expected, method)
 
 
 @pytest.mark.parametrize("method", ["deepcopy", "pickle", "torch.save"])
@@ -251,7 +244,46 @@ def test_a_copied_fresh_model_loads_a_checkpoint(method):
     opt = sgd(trained)
     run(trained, opt, data[:1])
     clone = _clone(minqat_prepared(1, qconfig), method)
-    _xfail_if_not_resizable(lambda: clone.load_state_dict(trained.state_dict(), strict=True))
+    if method == "torch.save":  # the case torch.ao's resize_ cannot handle
+        assert not any(fq.scale.untyped_storage().resizable() for fq in weight_fake_quants(clone))
+    clone.load_state_dict(trained.state_dict(), strict=True)
     clone_opt = sgd(clone)
     clone_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # else the momentum buffers are shared
     assert_same_runs(run(clone, clone_opt, data[1:], 1), run(trained, opt, data[1:], 1), method)
+
+
+def _per_channel_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The weight fake quants' buffers whose size comes from the data."""
+    return [t for fq in weight_fake_quants(model)
+            for t in (fq.scale, fq.zero_point, fq.activation_post_process.min_val, fq.activation_post_process.max_val)]
+
+
+@pytest.mark.parametrize("key", [("fbgemm", 0), ("fbgemm", 1)], ids=["FakeQuantize", "fused"])
+def test_torch_loaded_fresh_model_trains_and_converts_like_the_original(key):
+    """Save the whole prepared model before its first step, torch.load it, train a step, convert:
+    every step's outputs, gradients and state, then the int8 model's state and output, bit for bit
+    as the model that was never saved."""
+    torch.manual_seed(0)
+    model = ResNet(MINQAT_PARTS, "avg").train()
+    model.qconfig = minqat.get_default_qat_qconfig(*key)
+    original = minqat.prepare_qat(minqat.fuse_modules_qat(model, model.groups()))
+    loaded = _clone(original, "torch.save")
+    before = _per_channel_buffers(loaded)
+    assert before and not any(t.untyped_storage().resizable() for t in before), "torch.load's storages"
+    gen = torch.Generator().manual_seed(5)
+    data = [(torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen))]
+    assert_same_runs(run(loaded, sgd(loaded), data), run(original, sgd(original), data), "torch.load-ed")
+    after = _per_channel_buffers(loaded)
+    assert all(a is b for a, b in zip(after, before, strict=True)), "the buffers are resized in place"
+    assert all(t.numel() > 1 for t in after), "the per-channel buffers took the channel count"
+
+    expected, ours = minqat.convert(original.eval()), minqat.convert(loaded.eval())
+    theirs_state, ours_state = expected.state_dict(), ours.state_dict()
+    assert ours_state.keys() == theirs_state.keys()
+    for name, value in theirs_state.items():
+        if isinstance(value, torch.Tensor):
+            assert_bit_exact(ours_state[name], value, f"int8 {name}")
+        else:
+            assert ours_state[name] == value, name
+    x = quantizable_input(expected, (3, 3, 16, 16), 1)
+    assert_bit_exact(ours(x), expected(x), "int8 output")

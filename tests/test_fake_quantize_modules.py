@@ -595,3 +595,95 @@ def test_golden_vectors(name):
         assert set(ours["state"]) == set(expected["state"])
         for key, value in expected["state"].items():
             assert_bit_exact(ours["state"][key], value, f"{name} batch {i}: {key}")
+
+
+# ----------------------------------------------------------------------------------------------
+# per-channel buffers on storages that cannot be resized (a whole module torch.load-ed before it ran)
+# ----------------------------------------------------------------------------------------------
+
+
+def _torch_loaded(module: nn.Module, **load_kwargs) -> nn.Module:
+    """``module`` through ``torch.save`` / ``torch.load`` as a whole (zip storages: not resizable)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return torch.load(io.BytesIO(buffer.getvalue()), weights_only=False, **load_kwargs)
+
+
+def _per_channel_modules():
+    float_qparams = dict(observer=MovingAveragePerChannelMinMaxObserver, dtype=torch.uint8,
+                         qscheme=torch.per_channel_affine_float_qparams)
+    return {
+        "fake_quant_per_channel": mq.default_per_channel_weight_fake_quant,
+        "fake_quant_float_qparams": lambda: mfq.FakeQuantize(**float_qparams),  # float32 zero point
+        "fake_quant_min_max_per_channel": lambda: mfq.FakeQuantize(PerChannelMinMaxObserver, quant_min=-128,
+                                                                   quant_max=127, dtype=torch.int8,
+                                                                   qscheme=torch.per_channel_symmetric),
+        "fused_per_channel": mq.default_fused_per_channel_wt_fake_quant,
+        "learnable_per_channel": lambda: mfq.LearnableFakeQuantize(
+            MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127, dtype=torch.int8,
+            qscheme=torch.per_channel_symmetric, channel_len=3),
+    }
+
+
+def _data_sized(fq: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers whose shape comes from the first batch."""
+    obs = fq.activation_post_process
+    sized = {"min_val": obs.min_val, "max_val": obs.max_val}
+    if not isinstance(fq, mfq.LearnableFakeQuantize):  # its scale / zero point are fixed-size Parameters
+        sized.update(scale=fq.scale, zero_point=fq.zero_point)
+    return sized
+
+
+@pytest.mark.parametrize("name", list(_per_channel_modules()))
+def test_torch_loaded_fresh_module_trains_like_the_original(name):
+    """A module saved whole before its first batch: same outputs, gradients and state bit for bit as the
+    module never saved; its buffers stay the same tensor objects, dtypes and devices, and the fake
+    quant's qparam buffers never alias the observer's."""
+    reference = _per_channel_modules()[name]()
+    loaded = _torch_loaded(reference)
+    before = _data_sized(loaded)
+    assert not any(t.untyped_storage().resizable() for t in before.values())
+    dtypes = {key: t.dtype for key, t in before.items()}
+    gen = torch.Generator().manual_seed(0)
+    for i in range(3):
+        step(loaded, reference, torch.randn(3, 4, generator=gen) * (i + 1), torch.randn(3, 4, generator=gen),
+             f"{name} step {i}")  # outputs, input gradients, whole state
+        after = _data_sized(loaded)
+        assert all(after[key] is t and t.dtype == dtypes[key] for key, t in before.items()), "buffers replaced"
+    pointers = [t.untyped_storage().data_ptr() for t in after.values()]
+    assert len(set(pointers)) == len(pointers), "two buffers share a storage"
+
+
+@pytest.mark.parametrize("name", ["fake_quant_per_channel", "fused_per_channel"])
+def test_torch_loaded_fresh_module_loads_a_state_dict_copies_and_moves(name):
+    build = _per_channel_modules()[name]
+    trained = build()
+    x0, x1 = torch.tensor([[-1.0, 2.0], [0.5, 1.0], [3.0, -4.0]]), torch.tensor([[-3.0, 1.0], [0.25, 4.0], [1.0, 2.0]])
+    trained(x0)
+    loaded = _torch_loaded(build())
+    loaded.load_state_dict(trained.state_dict(), strict=True)  # [1] / empty -> [3], non-resizable storages
+    assert_same_state(loaded, trained, f"{name} after load")
+    twin, moved = copy.deepcopy(_torch_loaded(build())), _torch_loaded(build()).to(torch.device("cpu"))
+    untouched = _torch_loaded(build())
+    for fq in (twin, moved):
+        fresh = build()
+        assert_bit_exact(fq(x1), fresh(x1), f"{name}: copied / moved output")
+        assert_same_state(fq, fresh, f"{name}: copied / moved")
+    assert untouched.scale.shape == (1,) and untouched.activation_post_process.min_val.shape == (0,)
+    assert_bit_exact(loaded(x1), trained(x1), f"{name}: output after load")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(_per_channel_modules()))
+def test_torch_loaded_fresh_module_trains_on_cuda(name):
+    reference = _per_channel_modules()[name]().cuda()
+    loaded = _torch_loaded(reference)  # storages restored onto the GPU
+    before = _data_sized(loaded)
+    for step in range(2):
+        x = torch.randn(3, 4, device="cuda") * (step + 1)
+        assert_bit_exact(loaded(x), reference(x), f"{name} step {step}: output")
+        assert_same_state(loaded, reference, f"{name} step {step}")
+    after = _data_sized(loaded)
+    assert all(after[key] is t and t.device.type == "cuda" for key, t in before.items())

@@ -527,3 +527,84 @@ def test_golden_qparams_replay():
                                               qscheme, dtype, case["eps"], case["has_customized_qrange"])
         assert_bit_exact(scale, case["scale"], f"qparams case {i}: scale")
         assert_bit_exact(zero_point, case["zero_point"], f"qparams case {i}: zero_point")
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-channel buffers on storages that cannot be resized (a whole observer torch.load-ed before it ran)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _torch_loaded(module):
+    """``module`` through ``torch.save`` / ``torch.load`` as a whole: its tensors' storages are not resizable."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+
+
+def test_resize_buffer_swaps_the_storage_of_the_same_tensor():
+    loaded = _torch_loaded(torch.tensor([], dtype=torch.float64))
+    assert not loaded.untyped_storage().resizable()
+    with pytest.raises(RuntimeError, match="not resizable"):  # what torch.ao's resize_ hits
+        _torch_loaded(torch.tensor([])).resize_(2)
+    alias = loaded
+    assert mo._resize_buffer(loaded, (3,)) is loaded
+    assert alias.shape == (3,) and loaded.dtype == torch.float64 and loaded.device.type == "cpu"
+    loaded.fill_(2.5)
+    assert alias.tolist() == [2.5, 2.5, 2.5]
+    pointer, view = loaded.data_ptr(), loaded[:2]
+    mo._resize_buffer(loaded, torch.Size([3]))  # the same shape: untouched, no allocation
+    assert loaded.data_ptr() == pointer and loaded.tolist() == [2.5, 2.5, 2.5]
+    mo._resize_buffer(loaded, (0,))
+    assert loaded.shape == (0,) and view.tolist() == [2.5, 2.5]  # an earlier view keeps the old storage
+
+
+@pytest.mark.parametrize("name", sorted(PER_CHANNEL_CLASSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_per_channel_observer_torch_loaded_before_its_first_batch(name, dtype):
+    """Trains like the observer never saved; the buffers stay the same tensors, of their dtype."""
+    reference = getattr(mo, name)(ch_axis=1).to(dtype)
+    loaded = _torch_loaded(reference)
+    buffers = (loaded.min_val, loaded.max_val)
+    assert not any(b.untyped_storage().resizable() for b in buffers)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x = torch.randn(2, 3, 4, generator=gen) * (step + 1)
+        assert loaded(x) is x and reference(x) is x
+        assert loaded.min_val is buffers[0] and loaded.max_val is buffers[1]
+        assert loaded.min_val.dtype == dtype and loaded.min_val.shape == (3,)
+        assert_bit_exact(loaded.min_val, reference.min_val, f"step {step}: min_val")
+        assert_bit_exact(loaded.max_val, reference.max_val, f"step {step}: max_val")
+    for a, b in zip(loaded.calculate_qparams(), reference.calculate_qparams()):
+        assert_bit_exact(a, b, "qparams")
+    loaded.reset_min_max_vals()
+    assert loaded.min_val.shape == (0,) and loaded.min_val is buffers[0]
+
+
+@pytest.mark.parametrize("name", sorted(PER_CHANNEL_CLASSES))
+def test_per_channel_state_dict_loads_into_a_torch_loaded_observer(name):
+    trained = getattr(mo, name)()
+    trained(torch.tensor([[1.0, -2.0], [3.0, 0.5], [-1.0, 4.0]]))
+    for fresh in (_torch_loaded(getattr(mo, name)()), _torch_loaded(trained)):  # empty -> (3,), (3,) -> (3,)
+        fresh.load_state_dict(trained.state_dict(), strict=True)
+        assert_bit_exact(fresh.min_val, trained.min_val, "min_val")
+        assert_bit_exact(fresh.max_val, trained.max_val, "max_val")
+    emptied = _torch_loaded(trained)
+    emptied.load_state_dict(getattr(mo, name)().state_dict(), strict=True)  # (3,) -> empty
+    assert emptied.min_val.shape == (0,) and emptied.max_val.shape == (0,)
+
+
+@pytest.mark.parametrize("name", sorted(PER_CHANNEL_CLASSES))
+def test_per_channel_observer_copies_and_moves_before_its_first_batch(name):
+    """deepcopy / .to() of a torch.load-ed fresh observer: independent copies, buffers follow dtype."""
+    import copy
+
+    loaded = _torch_loaded(getattr(mo, name)())
+    twin = copy.deepcopy(loaded)
+    wide = _torch_loaded(getattr(mo, name)()).to(torch.float64)
+    x = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    twin(x), wide(x)
+    assert loaded.min_val.shape == (0,), "the copy shares its buffers with the original"
+    assert twin.min_val.tolist() == [-2.0, 0.5] and wide.min_val.dtype == torch.float64
+    assert wide.max_val.tolist() == [1.0, 3.0]
