@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from minqat.kernels import elementwise as ew
+from minqat.functional.float32 import fma32
 from minqat.functional.quantize import dequantize
 from tests.oracle import HAS_AO, assert_bit_exact
 
@@ -362,3 +363,38 @@ A = u8(1, 2, 3)
 def test_error_messages(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- fast paths: proven equal to the general ones ----------------------------------------------------------
+@given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=4), channels_last=st.booleans(),
+       threads=st.integers(1, 4), permute_b=st.booleans())
+def test_all_vector_lanes_says_exactly_when_the_mask_is_all_true(shape, channels_last, threads, permute_b):
+    a = torch.zeros(shape, dtype=torch.uint8)
+    if channels_last and a.dim() == 4:
+        a = a.contiguous(memory_format=torch.channels_last)
+    b = a.transpose(0, -1).contiguous().transpose(0, -1) if permute_b and a.dim() > 1 else a.clone()
+    assert ew.all_vector_lanes(a, b, threads) == bool(ew.vector_lane_mask(a, b, threads).all())
+
+
+@pytest.mark.parametrize("n", [64, 128 * 64, 70_016])  # whole blocks: the all-vector branch, 1 and 2 chunks
+def test_all_vector_add_equals_the_masked_computation(n):
+    gen = torch.Generator().manual_seed(n)
+    a = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
+    b = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
+    assert ew.all_vector_lanes(a, b, 2)
+    got = ew.add(a, 0.037, 11, b, 0.051, 200, 0.09, 3, num_threads=2)
+    v = ew.dequantize_fma(a, torch.tensor(0.037), 11) + ew.dequantize_fma(b, torch.tensor(0.051), 200)
+    want = ew.rint_then_add_zp(v, 1.0 / torch.tensor(0.09), 3, 0, 255).to(torch.uint8)
+    assert torch.equal(got, want)
+
+
+@given(scale=st.floats(2.0**-23, 2.0**20), zero_point=st.integers(-128, 255), signed=st.booleans())
+def test_dequantize_fma_float64_form_equals_the_emulated_fma(scale, zero_point, signed):
+    dtype = torch.int8 if signed else torch.uint8
+    x = torch.arange(-128, 128) if signed else torch.arange(0, 256)
+    x = x.to(dtype)
+    s = torch.tensor(scale, dtype=torch.float32)
+    fast = ew.dequantize_fma(x, s, zero_point)
+    xf = x.float()
+    slow = fma32(s.expand_as(xf), xf, (s * -torch.tensor(float(zero_point))).expand_as(xf))
+    assert torch.equal(fast, slow)

@@ -42,7 +42,7 @@ from ..functional.quantize import dequantize, quantize_per_tensor
 __all__ = [
     "add", "add_relu", "mul", "add_scalar", "mul_scalar", "cat", "matmul",
     "rint_then_add_zp", "add_zp_then_rint", "fma_zp_then_rint",
-    "dequantize_fma", "vector_lane_mask", "channel_lane_mask", "float_lanes",
+    "dequantize_fma", "vector_lane_mask", "all_vector_lanes", "channel_lane_mask", "float_lanes",
 ]
 
 EIGHT_BIT = (torch.uint8, torch.int8)
@@ -72,10 +72,18 @@ def fma_zp_then_rint(v: Tensor, multiplier: Tensor, zero_point, qmin: int, qmax:
 
 
 def dequantize_fma(x_int: Tensor, scale: Tensor, zero_point) -> Tensor:
-    """``fma32(s, x, fl32(s * -z))``: the vectorised dequantize of torch's quantized types."""
-    x = x_int.float()
-    s = scale.expand_as(x)
-    return fma32(s, x, (scale * -_as_float32(zero_point, x.device)).expand_as(x))
+    """``fma32(s, x, fl32(s * -z))``: the vectorised dequantize of torch's quantized types.
+
+    Computed as ``fl32(s·x + c)`` in float64, which is the FMA's single rounding without emulating it:
+    ``s·x`` (24-bit ``s`` times an 8-bit integer) and ``c = fl32(s·−z)`` are both whole multiples of
+    ``ulp(s)``, and their sum stays below ``2^33`` such units, so the float64 sum is exact and only the
+    narrowing to float32 rounds (``minqat.functional.float32.fma32`` handles general operands).
+    """
+    if x_int.is_floating_point() or x_int.dtype not in (torch.uint8, torch.int8):
+        x = x_int.float()
+        return fma32(scale.expand_as(x), x, (scale * -_as_float32(zero_point, x.device)).expand_as(x))
+    c = scale * -_as_float32(zero_point, x_int.device)  # fl32(s * -z)
+    return (x_int.double() * scale.double() + c.double()).float()
 
 
 def _as_float32(value, device=None) -> Tensor:
@@ -101,15 +109,8 @@ def _output_order(x: Tensor) -> list[int]:
     return [0, 2, 3, 1] if suggest_memory_format(x) == torch.channels_last else list(range(x.dim()))
 
 
-def vector_lane_mask(a: Tensor, b: Tensor, num_threads: int | None = None) -> Tensor:
-    """Where torch's ``quantized::add`` uses its vector loop (True) or its scalar loop (False).
-
-    TensorIterator walks the output in memory order. Innermost dims along which ``a`` and ``b`` are contiguous
-    in that order merge into rows of ``run`` elements (``run = 1``: element by element). From ``GRAIN_SIZE``
-    elements on, with ``T > 1`` threads, the walk is cut into ``min(T, ceil(n / GRAIN_SIZE))`` equal chunks
-    (``at::parallel_for``). Each row piece inside a chunk runs whole blocks of ``ADD_BLOCK`` elements in the
-    vector loop and its remainder in the scalar loop.
-    """
+def _rows_and_chunks(a: Tensor, b: Tensor, num_threads: int | None) -> tuple[list[int], int, int, int]:
+    """``(order, run, n, chunk)`` of TensorIterator's walk over ``add``'s output (see ``vector_lane_mask``)."""
     order = _output_order(a)
     run = 1
     for d in reversed(order):
@@ -121,6 +122,29 @@ def vector_lane_mask(a: Tensor, b: Tensor, num_threads: int | None = None) -> Te
     n = a.numel()
     threads = torch.get_num_threads() if num_threads is None else num_threads
     chunk = n if n < GRAIN_SIZE or threads == 1 else -(-n // min(threads, -(-n // GRAIN_SIZE)))
+    return order, run, n, chunk
+
+
+def all_vector_lanes(a: Tensor, b: Tensor, num_threads: int | None = None) -> bool:
+    """True when ``vector_lane_mask`` is all True: every row and chunk boundary falls on a whole block.
+
+    Rows of ``run`` elements and chunks of ``chunk`` elements cut the walk into pieces whose lengths are
+    all multiples of ``ADD_BLOCK`` exactly when ``run`` and ``chunk`` are (``n`` is a multiple of ``run``).
+    """
+    _, run, n, chunk = _rows_and_chunks(a, b, num_threads)
+    return n > 0 and run % ADD_BLOCK == 0 and chunk % ADD_BLOCK == 0
+
+
+def vector_lane_mask(a: Tensor, b: Tensor, num_threads: int | None = None) -> Tensor:
+    """Where torch's ``quantized::add`` uses its vector loop (True) or its scalar loop (False).
+
+    TensorIterator walks the output in memory order. Innermost dims along which ``a`` and ``b`` are contiguous
+    in that order merge into rows of ``run`` elements (``run = 1``: element by element). From ``GRAIN_SIZE``
+    elements on, with ``T > 1`` threads, the walk is cut into ``min(T, ceil(n / GRAIN_SIZE))`` equal chunks
+    (``at::parallel_for``). Each row piece inside a chunk runs whole blocks of ``ADD_BLOCK`` elements in the
+    vector loop and its remainder in the scalar loop.
+    """
+    order, run, n, chunk = _rows_and_chunks(a, b, num_threads)
     position = torch.arange(n, device=a.device)
     row_start, chunk_start = position // run * run, position // max(chunk, 1) * chunk
     start = torch.maximum(row_start, chunk_start)
@@ -198,6 +222,10 @@ def add(a_int: Tensor, a_scale, a_zero_point, b_int: Tensor, b_scale, b_zero_poi
     s_y, z_y = _qparams(a_int, y_scale, y_zero_point, "y_")
     inv = 1.0 / s_y  # fl32(1 / s_y)
     v_vector = dequantize_fma(a_int, s_a, z_a) + dequantize_fma(b_int, s_b, z_b)
+    if all_vector_lanes(a_int, b_int, num_threads):  # the common case: no scalar-loop element at all
+        v_vector = v_vector.clamp_min(0) if relu else v_vector
+        y = rint_then_add_zp(v_vector, inv, z_y, qmin, qmax)
+        return y.to(a_int.dtype).contiguous(memory_format=suggest_memory_format(a_int))
     v_scalar = dequantize(a_int, s_a, z_a) + dequantize(b_int, s_b, z_b)  # fl32(s * (x - z))
     if relu:
         v_vector, v_scalar = v_vector.clamp_min(0), v_scalar.clamp_min(0)
