@@ -2,13 +2,14 @@
 
 Each ``bench/<name>.py`` (names starting with ``_`` are helpers) exposes ``run(quick: bool) -> list[dict]``;
 a row holds ``bench``, ``case``, ``numel``, the medians ``minqat_ms``/``torch_ms``/``copy_ms``,
-``ratio`` = minqat / torch and ``vs_copy`` = minqat / copy_, and optionally ``vs_bare``,
+``ratio`` = minqat / torch and ``vs_copy`` = minqat / copy_ (``None`` where no copy_ was timed), and
+optionally ``vs_float`` (minqat / the float op or model; ``qat_step`` calls it ``minqat_vs_float``), ``vs_bare``,
 ``saved_B_per_el``, ``torch_saved_B_per_el``, ``exact`` and ``targets`` (column -> largest value).
 
 The table shows ratios only (times drift on a shared machine, ratios measured in one loop do not);
 ``--json`` prints everything, milliseconds included.
 
-    python -m bench.run            # full run, about 30 s
+    python -m bench.run            # full run, about a minute
     python -m bench.run --quick    # smoke run, a few seconds
     python -m bench.run --json
 """
@@ -56,16 +57,17 @@ def format_table(rows: list[dict], info: dict) -> str:
     lines = [f"{info['cpu']}, {info['cores']} cores ({info['cpu_capability']}), torch {info['torch']}, "
              f"python {info['python']}, {info['threads']} thread, malloc pinned: {info['malloc_pinned']}, "
              f"{info['date']}", "",
-             "| bench | case | elements | minqat / torch | minqat / copy_ | module / bare fn "
+             "| bench | case | elements | minqat / torch | minqat / copy_ | minqat / float | module / bare fn "
              "| saved B/el minqat / torch | same bits | targets |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for row in rows:
         misses = _misses(row)
         verdict = ("missed: " + "; ".join(misses)) if misses else ("met" if row.get("targets") else "")
         exact = {True: "yes", False: "NO"}.get(row.get("exact"), "")
+        vs_float = row.get("vs_float", row.get("minqat_vs_float"))
         lines.append(f"| {row['bench']} | {row['case']} | {row['numel']:,} | {_ratio(row['ratio'])} "
-                     f"| {_ratio(row['vs_copy'])} | {_ratio(row.get('vs_bare'))} | {_saved(row)} | {exact} "
-                     f"| {verdict} |")
+                     f"| {_ratio(row['vs_copy'])} | {_ratio(vs_float)} | {_ratio(row.get('vs_bare'))} "
+                     f"| {_saved(row)} | {exact} | {verdict} |")
     return "\n".join(lines)
 
 
