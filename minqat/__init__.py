@@ -65,6 +65,7 @@ from .prepare import prepare, prepare_qat, propagate_qconfig_, swap_module
 from .qtensor import QTensor
 from .convert import convert, get_convert_module_mapping
 from .report import LayerReport, compare_layers
+from .onnx import export_onnx, set_requantization
 
 __version__ = "0.1.0"
 
@@ -86,4 +87,5 @@ __all__ = [
     "fuse_modules", "fuse_modules_qat", "get_qat_module_mapping",
     "propagate_qconfig_", "prepare", "prepare_qat", "swap_module",
     "QTensor", "convert", "get_convert_module_mapping", "compare_layers", "LayerReport",
+    "export_onnx", "set_requantization",
 ]

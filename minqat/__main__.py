@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=_out_dir, default=None, metavar="DIR",
                       help="write report.json, training_curves.png and weight_histogram.png there")
     demo.add_argument("--no-torch-ao", action="store_true", help="skip the torch.ao run and comparison")
+    demo.add_argument("--onnx", action="store_true", help="export each QAT int8 model to ONNX and run it in ONNX "
+                                                         "Runtime: accuracy and agreement (needs the onnx extra)")
 
     check = sub.add_parser("check", help="cross-check minqat against the installed torch.ao, component by "
                                          "component", description=(
@@ -117,7 +119,7 @@ def _demo(args) -> int:
 
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)
     config = DemoConfig(epochs=epochs, bits=args.bits, backend=args.backend, seed=args.seed, quick=args.quick,
-                        out=args.out, torch_ao=not args.no_torch_ao)
+                        out=args.out, torch_ao=not args.no_torch_ao, onnx=args.onnx)
     try:
         run_demo(config)
     except MissingExtra as err:

@@ -73,16 +73,35 @@ def test_demo_without_torch_ao_calls_the_onnx_hook(monkeypatch, capsys):
     _needs_demo_extra()
     calls = []
 
-    def hook(int8_model, x_test, y_test, bits):
-        calls.append((type(int8_model.fc).__module__, tuple(x_test.shape), tuple(y_test.shape), bits))
-        return {"exported": bits}
+    def hook(int8_model, x_test, y_test, bits, enabled):
+        calls.append((type(int8_model.fc).__module__, tuple(x_test.shape), tuple(y_test.shape), bits, enabled))
+        return {"accuracy": bits / 10, "agreement": 1.0, "mismatches": 0, "outputs": 4500, "path": None}
 
     monkeypatch.setattr(run, "onnx_hook", hook)
     report = run.run_demo(run.DemoConfig(epochs=1, bits=(3,), torch_ao=False))
     out = capsys.readouterr().out
     assert "torch.ao cross-check skipped: not requested" in out and "3 bits: weights int8 codes in [-3, 3]" in out
-    assert calls == [("minqat.nn.quantized.linear", (450, 1, 8, 8), (450,), 3)]
-    assert report["settings"][0]["onnx"] == {"exported": 3} and report["settings"][0]["torch_ao"] is None
+    assert calls == [("minqat.nn.quantized.linear", (450, 1, 8, 8), (450,), 3, False)]
+    assert report["settings"][0]["onnx"]["accuracy"] == 0.3 and report["settings"][0]["torch_ao"] is None
+
+
+def test_onnx_flag_runs_the_int8_models_in_onnx_runtime(capsys):
+    """``--onnx``: ORT runs each exported QAT int8 model; its logits equal minqat's "onnxruntime" mode bit for bit."""
+    _needs_demo_extra()
+    pytest.importorskip("onnxruntime", reason="--onnx runs ONNX Runtime (pip install -e '.[onnx]')")
+    report = run.run_demo(run.DemoConfig(epochs=1, bits=(8, 2), torch_ao=False, onnx=True))
+    for setting in report["settings"]:
+        o = setting["onnx"]
+        assert o["mismatches"] == 0 and o["outputs"] == 450 * 10 and o["agreement"] == 1.0
+        assert abs(o["accuracy"] - setting["qat_int8"]) <= 0.02  # ORT rounds a few ties differently from fbgemm
+    assert "ONNX Runtime QAT int8" in capsys.readouterr().out
+
+
+def test_onnx_flag_without_the_onnx_extra_is_one_line_and_status_2(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["demo", "--quick", "--onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and '.[demo,onnx]' in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("missing, argv", [("sklearn", ["demo", "--quick"]),

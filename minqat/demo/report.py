@@ -92,6 +92,15 @@ def _agreement_table(report: dict) -> list[str]:
     return lines
 
 
+def _onnx_table(report: dict) -> list[str]:
+    lines = ["| bits | ONNX Runtime QAT int8 | top-1 agree with minqat | logits bit-exact |", "|---|---:|---:|---:|"]
+    for s in report["settings"]:
+        o = s["onnx"]
+        exact = 1 - o["mismatches"] / o["outputs"] if o["outputs"] else 1.0
+        lines.append(f"| {s['bits']} | {_pct(o['accuracy'])} | {_pct(o['agreement'])} | {_pct(exact)} |")
+    return lines
+
+
 def all_bit_exact(report: dict) -> bool:
     """Every compared int8 logit and prepared tensor identical (True where torch.ao did not run)."""
     for s in report["settings"]:
@@ -132,5 +141,9 @@ def format_table(report: dict) -> str:
                       "saturate int16 sums of codes above 127 (numerics.md §7.2), which minqat does not model"]
         if not all_bit_exact(report):
             lines += ["NOT bit-exact somewhere above: `python -m minqat check` cross-checks each component"]
+    if any(s["onnx"] for s in report["settings"]):
+        lines += ["", "The QAT int8 models exported as ONNX QDQ graphs (minqat.export_onnx) and run by ONNX Runtime "
+                  "(CPU), against minqat's \"onnxruntime\" requantization mode:", ""]
+        lines += _onnx_table(report)
     lines += ["", f"{report['runtime_s']:.1f} s, torch {report['environment']['torch']}, one intra-op thread"]
     return "\n".join(lines)

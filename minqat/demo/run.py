@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import flow
-from .data import Digits, load_digits_split
+from .data import Digits, MissingExtra, load_digits_split
 from .model import Library, minqat_library, torch_ao_library
 from .progress import EpochProgress
 from .report import build_report, format_table
@@ -52,6 +52,7 @@ class DemoConfig:
     quick: bool = False
     out: Path | None = None
     torch_ao: bool = True  # run the same flow through torch.ao where it is importable
+    onnx: bool = False  # export each QAT int8 model to ONNX and run it in ONNX Runtime (the onnx extra)
 
 
 @dataclass
@@ -71,11 +72,26 @@ class Setting:
     weight_range: tuple[int, int] = (0, 0)
 
 
-def onnx_hook(int8_model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, bits: int) -> dict | None:
-    """Called with every QAT int8 model (minqat's) and the test set; a returned dict is stored in the report
-    under ``settings[i]["onnx"]``. The hook point for ``--onnx`` (issue 6): export, run in ONNX Runtime,
-    compare with ``int8_model(x_test)``. Does nothing yet."""
-    return None
+def onnx_hook(int8_model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, bits: int,
+              enabled: bool = False) -> dict | None:
+    """``--onnx``: export the QAT int8 model as an ONNX QDQ graph, run it in ONNX Runtime on the test set and
+    compare with minqat's ``"onnxruntime"`` requantization mode (``minqat.onnx.evaluate_onnxruntime``):
+    ORT's accuracy, top-1 agreement and bit-exact logits. Stored under ``settings[i]["onnx"]``."""
+    if not enabled:
+        return None
+    from ..onnx import evaluate_onnxruntime
+
+    return evaluate_onnxruntime(int8_model, x_test, y_test)
+
+
+def require_onnx() -> None:
+    """Raise ``MissingExtra`` unless onnx and onnxruntime import (``--onnx`` needs the ``onnx`` extra)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        raise MissingExtra(f'--onnx needs onnx and onnxruntime: pip install -c constraints.txt -e ".[demo,onnx]" '
+                           f"({err})") from err
 
 
 @contextlib.contextmanager
@@ -126,7 +142,7 @@ def _run_setting(libs: list[Library], float_model: nn.Module, data: Digits, bits
                       qat_fc_weight=ours["prepared"].fc.weight.detach().clone(),
                       weight_range=(ours["prepared"].fc.weight_fake_quant.quant_min,
                                     ours["prepared"].fc.weight_fake_quant.quant_max))
-    setting.onnx = onnx_hook(ours["int8_model"], data.x_test, data.y_test, bits)
+    setting.onnx = onnx_hook(ours["int8_model"], data.x_test, data.y_test, bits, config.onnx)
     if "torch.ao" in results:
         theirs = results["torch.ao"]
         same, total = _same_state(ours["prepared"], theirs["prepared"])
@@ -153,6 +169,8 @@ def run_demo(config: DemoConfig, stream=None) -> dict:
         from .plots import require_matplotlib
 
         require_matplotlib()
+    if config.onnx:
+        require_onnx()
     started = time.perf_counter()
     data = load_digits_split(config.seed)
     schedule = flow.Schedule(config.epochs, config.epochs)

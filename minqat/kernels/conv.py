@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..dtypes import dtype_range
 from ..functional.qparams_args import per_tensor_zero_point
 from .linear import gemm_acc_int8, int_mm_usable, shift_to_int8, weight_zero_point, wrap_int32
-from .requantize import requantize, requantize_integer_only
+from .requantize import requantizer
 
 __all__ = [
     "conv1d_int", "conv2d_int", "conv3d_int",
@@ -201,17 +201,17 @@ def conv3d_int(x_int: torch.Tensor, x_zero_point, w_int: torch.Tensor, w_zero_po
     return _conv_int(x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups, 3)
 
 
-def _quantized_conv(conv_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias,
-                    y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point):
+def _quantized_conv(conv_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias, y_scale,
+                    y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point, requantization):
+    recipe = requantizer(requantization, fixed_point)
     acc = conv_int(x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups)
-    recipe = requantize_integer_only if fixed_point else requantize
     return recipe(acc, x_scale, w_scale, y_scale, y_zero_point, bias, axis=1, relu=relu, dtype=dtype)
 
 
 def quantized_conv2d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Tensor, w_scale, w_zero_point,
                      bias: torch.Tensor | None = None, *, y_scale, y_zero_point, stride=1, padding=0,
                      dilation=1, groups: int = 1, relu: bool = False, dtype: torch.dtype = torch.uint8,
-                     fixed_point: bool = False) -> torch.Tensor:
+                     fixed_point: bool = False, requantization: str = "fbgemm") -> torch.Tensor:
     r"""A quantized 2-d convolution: ``torch.ops.quantized.conv2d`` (``conv2d_relu`` with
     ``relu=True``) under the fbgemm engine, bit for bit, on plain integer tensors.
 
@@ -229,9 +229,11 @@ def quantized_conv2d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Te
         y_scale, y_zero_point: output qparams.
         relu: fused ReLU (clamp below at ``y_zero_point``).
         dtype: output dtype, ``torch.uint8`` (torch's quint8) or ``torch.int8``.
-        fixed_point: use the integer-only recipe of Jacob et al. 2018 §2.2
-            (``requantize_integer_only``) instead of fbgemm's float32 one; then the output is
-            within one unit of the real-valued result but not bit-exact with torch.
+        requantization: ``"fbgemm"`` (default: torch's float32 recipe, bit-exact), ``"fixed_point"``
+            (the integer-only recipe of Jacob et al. 2018 §2.2, ``requantize_integer_only``: within one
+            unit of the real-valued result, not bit-exact with torch) or ``"onnxruntime"`` (ONNX Runtime's
+            ``QLinearConv``: int32 bias, ``minqat.kernels.onnxruntime``).
+        fixed_point: ``True`` is the older spelling of ``requantization="fixed_point"``.
 
     >>> x = torch.tensor([[[[4, 6]]]], dtype=torch.uint8)                 # (1, 1, 1, 2), z_x = 2
     >>> w = torch.tensor([[[[3]]]], dtype=torch.int8)                      # 1x1 kernel, z_w = 0
@@ -239,13 +241,14 @@ def quantized_conv2d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Te
     tensor([[[[11, 12]]]], dtype=torch.uint8)
     """
     return _quantized_conv(conv2d_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias,
-                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point)
+                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point,
+                           requantization)
 
 
 def quantized_conv1d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Tensor, w_scale, w_zero_point,
                      bias: torch.Tensor | None = None, *, y_scale, y_zero_point, stride=1, padding=0,
                      dilation=1, groups: int = 1, relu: bool = False, dtype: torch.dtype = torch.uint8,
-                     fixed_point: bool = False) -> torch.Tensor:
+                     fixed_point: bool = False, requantization: str = "fbgemm") -> torch.Tensor:
     """:func:`quantized_conv2d` for 1-d inputs ``(N, C_in, L)`` (``torch.ops.quantized.conv1d``).
 
     >>> x = torch.tensor([[[4, 6]]], dtype=torch.uint8)
@@ -253,13 +256,14 @@ def quantized_conv1d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Te
     tensor([[[11, 12]]], dtype=torch.uint8)
     """
     return _quantized_conv(conv1d_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias,
-                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point)
+                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point,
+                           requantization)
 
 
 def quantized_conv3d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Tensor, w_scale, w_zero_point,
                      bias: torch.Tensor | None = None, *, y_scale, y_zero_point, stride=1, padding=0,
                      dilation=1, groups: int = 1, relu: bool = False, dtype: torch.dtype = torch.uint8,
-                     fixed_point: bool = False) -> torch.Tensor:
+                     fixed_point: bool = False, requantization: str = "fbgemm") -> torch.Tensor:
     """:func:`quantized_conv2d` for 3-d inputs ``(N, C_in, D, H, W)`` (``torch.ops.quantized.conv3d``).
 
     >>> x = torch.tensor([[[[[4, 6]]]]], dtype=torch.uint8)
@@ -267,4 +271,5 @@ def quantized_conv3d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Te
     tensor([[[[[11, 12]]]]], dtype=torch.uint8)
     """
     return _quantized_conv(conv3d_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias,
-                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point)
+                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point,
+                           requantization)

@@ -48,6 +48,12 @@ spread over 30..250 units, ``M < 1``): never more than 1 unit off; mismatch rate
 4e-5 and 0, near-ties only). The int64 tensor arithmetic here reproduces the int32 C++ exactly
 (products of two int32 fit in int64).
 
+**ONNX Runtime's recipe** (``minqat.kernels.onnxruntime.requantize_onnxruntime``): an int32 bias added to the
+accumulator and one float32 multiplier, ``rint(fl32(fl32(acc + b_int) * fl32(fl32(s_x s_w) / s_y))) + z_y``.
+
+The three recipes are named by :data:`REQUANTIZATION_MODES` (:func:`requantizer`), the ``requantization``
+argument of the conv / linear kernels and attribute of the int8 modules.
+
 >>> acc = torch.tensor([[3, -3, 5, 40]], dtype=torch.int32)
 >>> requantize(acc, 0.5, 1.0, 1.0, 10, axis=0)          # 1.5 -> 2, -1.5 -> -2, 2.5 -> 2 (to even)
 tensor([[12,  8, 12, 30]], dtype=torch.uint8)
@@ -71,8 +77,10 @@ from ..functional.qparams_args import (
     per_tensor_scale,
     per_tensor_zero_point,
 )
+from .onnxruntime import requantize_onnxruntime
 
-__all__ = ["requantize", "quantize_multiplier", "quantize_bias", "requantize_fixed_point", "requantize_integer_only"]
+__all__ = ["requantize", "quantize_multiplier", "quantize_bias", "requantize_fixed_point", "requantize_integer_only",
+           "REQUANTIZATION_MODES", "requantizer"]
 
 OUTPUT_DTYPES = (torch.uint8, torch.int8)
 
@@ -404,3 +412,30 @@ def requantize_integer_only(acc: torch.Tensor, x_scale, w_scale, y_scale, y_zero
     if bias is not None:
         b_int = quantize_bias(_bias(bias, channels, acc.device), x_scale, w_scale)
     return requantize_fixed_point(acc, m0, shift, y_zero_point, b_int, axis=axis, relu=relu, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# the recipes by name
+# ----------------------------------------------------------------------------------------------
+REQUANTIZATION_MODES = ("fbgemm", "fixed_point", "onnxruntime")
+
+
+def requantizer(requantization: str = "fbgemm", fixed_point: bool = False):
+    """The recipe named ``requantization``, all with :func:`requantize`'s signature.
+
+    ``"fbgemm"`` (default): :func:`requantize`, torch's, bit-exact; ``"fixed_point"``:
+    :func:`requantize_integer_only` (Jacob et al. 2018); ``"onnxruntime"``: ORT's
+    (``minqat.kernels.onnxruntime.requantize_onnxruntime``). ``fixed_point=True`` is the older spelling of
+    ``requantization="fixed_point"``.
+
+    >>> requantizer("onnxruntime").__name__
+    'requantize_onnxruntime'
+    """
+    if requantization not in REQUANTIZATION_MODES:
+        raise ValueError(f"requantization must be one of {REQUANTIZATION_MODES}, got {requantization!r}")
+    if fixed_point and requantization not in ("fbgemm", "fixed_point"):
+        raise ValueError(f"fixed_point=True contradicts requantization={requantization!r}: give only requantization")
+    if fixed_point:
+        requantization = "fixed_point"
+    return {"fbgemm": requantize, "fixed_point": requantize_integer_only,
+            "onnxruntime": requantize_onnxruntime}[requantization]

@@ -9,6 +9,11 @@ integer reference kernel (``minqat.kernels.quantized_conv2d``, numerics.md §7.1
     acc   = sum (x_int - z_x) * (w_int - z_w[c])             exact int32, padding = z_x
     y_int = clamp(rint(fl32(fl32(acc) + fl32(b / atw)) * mult) + z_y, relu ? z_y : 0, 255)
 
+The ``requantization`` attribute picks the recipe (``minqat.kernels.requantize.requantizer``):
+``"fbgemm"`` (default, the line above, torch's), ``"fixed_point"`` or ``"onnxruntime"`` (ONNX Runtime's
+``QLinearConv``, with an int32 bias: ``minqat.kernels.onnxruntime``); ``minqat.onnx.set_requantization``
+sets it on a whole model.
+
 ``from_float(qat_module)`` is torch.ao's convert step for one layer (numerics.md §6):
 
 1. a ``ConvBn*`` / ``ConvBnReLU*`` QAT module gets its BatchNorm folded **in place** with the
@@ -83,6 +88,7 @@ class _ConvNd(IntWeightAccessors, nn.Module):
     _RELU: ClassVar[bool] = False
     _FLOAT_MODULE: ClassVar[type[nn.Module]]  # the float module a PTQ-prepared model holds
 
+    requantization: str = "fbgemm"  # or "fixed_point", "onnxruntime": minqat.kernels.requantize.requantizer
     weight_int: torch.Tensor  # (C_out, C_in / groups, *kernel) int8
     weight_scale: torch.Tensor  # () or (C_out,) float32
     weight_zero_point: torch.Tensor  # () or (C_out,) int64
@@ -162,7 +168,8 @@ class _ConvNd(IntWeightAccessors, nn.Module):
         y_int = self._KERNEL(
             x_int, x.scale, x.zero_point, self.weight_int, self.weight_scale, self.weight_zero_point,
             self.bias_float, y_scale=self.scale, y_zero_point=self.zero_point, stride=self.stride,
-            padding=padding, dilation=self.dilation, groups=self.groups, relu=self._RELU, dtype=x_int.dtype)
+            padding=padding, dilation=self.dilation, groups=self.groups, relu=self._RELU, dtype=x_int.dtype,
+            requantization=self.requantization)
         y_int = clamp_to_output_range(y_int, self.output_range)
         return QTensor(_channels_last(y_int, self._DIMS), self.scale, self.zero_point)
 

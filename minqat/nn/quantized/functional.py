@@ -8,6 +8,8 @@ take ``QTensor`` s and return a ``QTensor``; each equals ``torch.ops.quantized.<
 * ``add`` / ``add_relu`` / ``mul`` / ``cat`` requantize to ``(self.scale, self.zero_point)``;
 * ``add_scalar`` / ``mul_scalar`` are not observed (as in torch.ao): their output qparams follow from
   the input's and the scalar (``add_scalar``: ``z' = z - rint(c / s)`` when that fits the dtype);
+* with ``requantization = "onnxruntime"`` (``minqat.onnx.set_requantization``), ``add`` / ``add_relu`` compute
+  ONNX Runtime's ``QLinearAdd`` instead (``minqat.kernels.onnxruntime.qlinear_add``);
 * ``matmul`` requantizes to ``(self.scale, self.zero_point)`` too (torch.ao does not observe it; its
   FloatFunctional ``matmul`` result is observed, so the qparams are there).
 
@@ -26,12 +28,14 @@ tensor([2, 4], dtype=torch.uint8)
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ...kernels import elementwise
+from ...kernels.onnxruntime import qlinear_add
 from ...qtensor import QTensor
 from ...stubs import FloatFunctional
 from .common import clamp_to_output_range, load_output_range, output_qparams, require_qtensor, require_statistics, save_output_range
@@ -41,6 +45,8 @@ __all__ = ["QFunctional"]
 
 class QFunctional(nn.Module):
     """int8 ``add``, ``add_relu``, ``mul``, ``cat``, ``add_scalar``, ``mul_scalar``, ``matmul`` on ``QTensor`` s."""
+
+    requantization: str = "fbgemm"  # "onnxruntime": add / add_relu as ONNX Runtime's QLinearAdd
 
     def __init__(self) -> None:
         super().__init__()
@@ -87,11 +93,13 @@ class QFunctional(nn.Module):
 
     def add(self, x: QTensor, y: QTensor) -> QTensor:
         """``torch.ops.quantized.add``: ``x + y`` requantized to the observed output qparams."""
-        return self._binary(elementwise.add, x, y, "add")
+        op = qlinear_add if self.requantization == "onnxruntime" else elementwise.add
+        return self._binary(op, x, y, "add")
 
     def add_relu(self, x: QTensor, y: QTensor) -> QTensor:
         """``torch.ops.quantized.add_relu``: ``relu(x + y)`` requantized to the observed output qparams."""
-        return self._binary(elementwise.add_relu, x, y, "add_relu")
+        op = functools.partial(qlinear_add, relu=True) if self.requantization == "onnxruntime" else elementwise.add_relu
+        return self._binary(op, x, y, "add_relu")
 
     def mul(self, x: QTensor, y: QTensor) -> QTensor:
         """``torch.ops.quantized.mul``: ``x * y`` requantized to the observed output qparams."""

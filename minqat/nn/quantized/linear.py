@@ -3,7 +3,8 @@ r"""int8 ``Linear`` and ``LinearReLU``, torch.ao.nn.quantized(.intrinsic)'s twin
 A converted linear layer holds an ``int8`` weight ``(out_features, in_features)`` with its float32
 scale and int64 zero point (per channel ``(out_features,)`` or per tensor ``()``), a float32 bias
 and its output qparams; its forward maps a ``QTensor`` ``(..., in_features)`` to a ``QTensor``
-``(..., out_features)`` through ``minqat.kernels.quantized_linear`` (numerics.md §7.1).
+``(..., out_features)`` through ``minqat.kernels.quantized_linear`` (numerics.md §7.1), with the recipe its
+``requantization`` attribute names (``"fbgemm"``, torch's, by default; ``"fixed_point"``; ``"onnxruntime"``).
 
 ``from_float`` is torch.ao's (numerics.md §6): a ``LinearBn1d`` QAT module gets its BatchNorm folded
 in place (``minqat.fold.fuse_linear_bn_weights``); the weight fake quant is called once on the
@@ -46,6 +47,7 @@ class Linear(IntWeightAccessors, nn.Module):
     _FLOAT_MODULES: ClassVar[tuple[type[nn.Module], ...]] = (
         nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
+    requantization: str = "fbgemm"  # or "fixed_point", "onnxruntime": minqat.kernels.requantize.requantizer
     weight_int: torch.Tensor  # (out_features, in_features) int8
     weight_scale: torch.Tensor  # () or (out_features,) float32
     weight_zero_point: torch.Tensor  # () or (out_features,) int64
@@ -107,7 +109,8 @@ class Linear(IntWeightAccessors, nn.Module):
         x_int = x.int_repr()
         y_int = quantized_linear(x_int, x.scale, x.zero_point, self.weight_int, self.weight_scale,
                                  self.weight_zero_point, self.bias_float, y_scale=self.scale,
-                                 y_zero_point=self.zero_point, relu=self._RELU, dtype=x_int.dtype)
+                                 y_zero_point=self.zero_point, relu=self._RELU, dtype=x_int.dtype,
+                                 requantization=self.requantization)
         return QTensor(clamp_to_output_range(y_int, self.output_range), self.scale, self.zero_point)
 
     def _get_name(self) -> str:

@@ -10,6 +10,9 @@ as torch.ao does (``torch.ao.nn.quantized.Quantize`` / ``DeQuantize``):
   rounding, inside one FMA, and the clamp is the dtype's full range, not the observer's).
 * ``DeQuantize``'s forward is ``QTensor.dequantize()``: ``x_hat = fl32(s * (x_int - z))``.
 
+``Quantize.requantization = "onnxruntime"`` (``minqat.onnx.set_requantization``) quantizes as ONNX Runtime's
+``QuantizeLinear`` does instead: ``clamp(rint(fl32(x / s)) + z)`` (``minqat.kernels.onnxruntime.quantize_linear``).
+
 >>> q = Quantize(0.5, 2, torch.uint8)
 >>> y = q(torch.tensor([-1.0, 0.25, 200.0]))      # -2 + 2 = 0; 0.5 + 2 = 2.5 -> 2 (ties to even); 402 -> 255
 >>> y.int_repr()
@@ -23,6 +26,8 @@ import torch
 from torch import nn
 
 from ...dtypes import plain_dtype
+from ...kernels.elementwise import suggest_memory_format
+from ...kernels.onnxruntime import quantize_linear
 from ...qtensor import QTensor
 from .common import clamp_to_output_range, load_output_range, require_statistics, save_output_range
 
@@ -32,6 +37,7 @@ __all__ = ["Quantize", "DeQuantize"]
 class Quantize(nn.Module):
     """float tensor -> ``QTensor`` with a fixed per-tensor ``scale`` and ``zero_point`` (``dtype``: uint8 or int8)."""
 
+    requantization: str = "fbgemm"  # "onnxruntime": ONNX Runtime's QuantizeLinear; other modes: torch's
     scale: torch.Tensor  # (1,) float32
     zero_point: torch.Tensor  # (1,) int64
 
@@ -49,7 +55,11 @@ class Quantize(nn.Module):
             kind = "a QTensor (already quantized)" if isinstance(x, QTensor) else (
                 f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__)
             raise TypeError(f"Quantize expects a float tensor, got {kind}")
-        q = QTensor.quantize(x, self.scale, self.zero_point, self.dtype)
+        if self.requantization == "onnxruntime":
+            x_int = quantize_linear(x, self.scale, self.zero_point, self.dtype)
+            q = QTensor(x_int.contiguous(memory_format=suggest_memory_format(x)), self.scale, self.zero_point)
+        else:
+            q = QTensor.quantize(x, self.scale, self.zero_point, self.dtype)
         if self.output_range is None:
             return q
         return QTensor(clamp_to_output_range(q.int_repr(), self.output_range), q.scale, q.zero_point)
