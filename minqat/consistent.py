@@ -29,7 +29,7 @@ observer. For each converted layer:
     y_int    = clamp(y_int, quant_min, quant_max)      the output fake quant's range (``output_range``)
 
 The last line matters with ``reduce_range``: the fake quant trains on [0, 127] while torch.ao's int8 ops
-clamp to uint8's [0, 255]; values above the observed range then differ by many LSB (measured: up to 44 on
+clamp to uint8's [0, 255]; values above the observed range then differ by many LSB (measured: up to 45 on
 a small ResNet). The int8 modules apply ``output_range`` after their kernel.
 
 Then ``w_int`` are exactly the weight codes the last forward used, and (checked at conversion) they
@@ -147,16 +147,14 @@ def _weight_codes(weight: torch.Tensor, fq: nn.Module, owner: str) -> tuple[torc
 
 
 def _output_qparams(mod: nn.Module, owner: str) -> tuple[float, int, tuple[int, int]]:
-    """``(scale, zero_point, (quant_min, quant_max))`` of the module's output fake quant."""
-    post_process = getattr(mod, "activation_post_process", None)
-    if post_process is None:
-        raise ValueError(f"{owner} has no output fake quant (activation_post_process): prepare the model first")
-    scale, zero_point = fake_quant_qparams(post_process, f"the output fake quant of {owner}")
-    observer = getattr(post_process, "activation_post_process", post_process)
-    quant_min = getattr(post_process, "quant_min", None)
-    quant_min, quant_max = (observer.quant_min, observer.quant_max) if quant_min is None else (
-        post_process.quant_min, post_process.quant_max)
-    return float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0]), (int(quant_min), int(quant_max))
+    """``(scale, zero_point, (quant_min, quant_max))`` of the module's output fake quant (one per tensor)."""
+    post_process = mod.activation_post_process
+    what = f"the output fake quant of {owner}"
+    scale, zero_point = fake_quant_qparams(post_process, what)
+    if scale.numel() != 1:
+        raise ValueError(f"{what} must quantize per tensor (int8 activations have one scale), got {scale.numel()} "
+                         "scales")
+    return float(scale), int(zero_point), (int(post_process.quant_min), int(post_process.quant_max))
 
 
 def _conv(cls: type, mod: nn.Module, owner: str) -> nn.Module:
@@ -197,24 +195,23 @@ def consistent_int8_module(mod: nn.Module, int8_cls: type, owner: str) -> nn.Mod
     """The int8 twin of one prepared module, deploying the state its fake quants used (module docstring).
 
     ``int8_cls`` is the mapping's target for ``type(mod)``; ``owner`` names the module in errors. A module
-    without a weight fake quant (a float module observed for post-training quantization) is converted by
-    ``int8_cls.from_float``, as in the default mode.
+    whose output is observed rather than fake-quantized (post-training quantization: nothing was trained) is
+    converted by ``int8_cls.from_float``, exactly as in the default mode.
     """
     if issubclass(int8_cls, DeQuantize):
         return DeQuantize()
+    if not isinstance(getattr(mod, "activation_post_process", None), FakeQuantizeBase):
+        return int8_cls.from_float(mod)
+    if mod.training:
+        raise ValueError(f"{owner} is in training mode: call model.eval() (BN must use its running statistics, as "
+                         "the int8 model will) and run an eval batch before convert(..., consistent=True)")
     if issubclass(int8_cls, Quantize):
         return _quantize(mod, owner)
     if issubclass(int8_cls, QFunctional):
         return _functional(mod, owner)
-    if not hasattr(mod, "weight_fake_quant"):  # post-training quantization: nothing was trained
-        return int8_cls.from_float(mod)
-    if isinstance(mod, nn.Module) and mod.training:
-        raise ValueError(f"{owner} is in training mode: call model.eval() (BN must use its running statistics, as "
-                         "the int8 model will) and run an eval batch before convert(..., consistent=True)")
-    if issubclass(int8_cls, qconv._ConvNd):
+    if hasattr(mod, "weight_fake_quant") and issubclass(int8_cls, qconv._ConvNd):
         return _conv(int8_cls, mod, owner)
-    if issubclass(int8_cls, qlinear.Linear):
+    if hasattr(mod, "weight_fake_quant") and issubclass(int8_cls, qlinear.Linear):
         return _linear(int8_cls, mod, owner)
     raise ValueError(f"convert(..., consistent=True) does not know how to build {int8_cls.__name__} for {owner}; "
                      "use the default mode or map the module to a minqat int8 conv or linear")
-

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from .fake_quantize import FakeQuantizeBase, disable_observer
-from .nn.quantized.functional import QFunctional
+from .nn.quantized.functional import OBSERVED_OPS, QFunctional
 from .observers import ObserverBase
 from .qtensor import QTensor
 
@@ -131,15 +131,17 @@ def _diff(name: str, kind: str, y_fq: torch.Tensor, q: QTensor) -> LayerDiff:
 
 
 def _check_models(prepared: nn.Module, int8_model: nn.Module) -> None:
-    if not any(_is_post_process(m) for m in prepared.modules()):
-        raise ValueError("prepared must be a prepared model (with observers / fake quants), "
-                         f"got {type(prepared).__name__} without any")
+    if not any(isinstance(m, FakeQuantizeBase) for m in prepared.modules()):
+        kind = "observers only (post-training quantization: its outputs are float, on no grid)" if any(
+            _is_post_process(m) for m in prepared.modules()) else "no fake quant"
+        raise ValueError(f"prepared must be a model prepared for QAT (prepare_qat: fake quants), got "
+                         f"{type(prepared).__name__} with {kind}")
+    if prepared.training:
+        raise ValueError("prepared must be in eval mode (prepared.eval()): in training mode BN normalises with "
+                         "the batch statistics, which the int8 model never uses")
     if any(_is_post_process(m) for m in int8_model.modules()):
         raise ValueError("int8_model must be the converted model (minqat.convert), but it still holds observers "
                          "or fake quants")
-
-
-_QFUNCTIONAL_OPS = ("add", "add_relu", "mul", "matmul", "add_scalar", "mul_scalar", "cat")
 
 
 def _dequantized(value):
@@ -169,7 +171,7 @@ def _record_int8_calls(int8_model: nn.Module, names, x: torch.Tensor) -> list:
     for name in names:
         module = modules[name]
         if isinstance(module, QFunctional):  # its ops are methods, not forward: wrap them on the instance
-            for op in _QFUNCTIONAL_OPS:
+            for op in OBSERVED_OPS:
                 patched.append((module, op))
                 setattr(module, op, recording(name, op, getattr(module, op)))
         else:

@@ -174,7 +174,7 @@ def test_report_rejects_models_in_the_wrong_roles():
     prepared = trained_prepared(float_model, "fbgemm-v1", shape, classes, 0).eval()
     int8 = minqat.convert(prepared)
     x = torch.randn(shape)
-    with pytest.raises(ValueError, match="prepared must be a prepared model"):
+    with pytest.raises(ValueError, match="prepared must be a model prepared for QAT.*no fake quant"):
         compare_layers(int8, int8, x)
     with pytest.raises(ValueError, match="int8_model must be the converted model"):
         compare_layers(prepared, prepared, x)
@@ -191,3 +191,136 @@ def test_output_range_survives_a_state_dict_round_trip():
     assert fresh.conv1.output_range == (0, 127) and fresh.layer1.skip.output_range == (0, 127)
     x = torch.randn(shape) * 3  # beyond the observed range: clamped at 127 like the fake quants
     assert torch.equal(fresh(x), consistent(x))
+
+
+def test_report_rejects_training_mode_and_post_training_quantization():
+    float_model, shape, classes = build("qm2", 0)
+    prepared = trained_prepared(float_model, "fbgemm-v1", shape, classes, 0)
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match=r"prepared must be in eval mode"):
+        compare_layers(prepared, minqat.convert(prepared), x)
+    ptq = post_training_prepared()
+    with pytest.raises(ValueError, match="observers only"):
+        compare_layers(ptq, minqat.convert(ptq), torch.randn(2, 2, 5, 5))
+
+
+def post_training_prepared() -> nn.Module:
+    torch.manual_seed(0)
+    model = minqat.QuantWrapper(nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU())).eval()
+    model.qconfig = minqat.get_default_qconfig("fbgemm")
+    model = minqat.prepare(minqat.fuse_modules(model, [["module.0", "module.1"]]))
+    for _ in range(3):
+        model(torch.randn(4, 2, 5, 5))
+    return model
+
+
+def test_post_training_quantization_converts_the_same_in_both_modes():
+    """Observers only: nothing was trained, so consistent mode is the default convert, module for module."""
+    prepared = post_training_prepared()
+    default, consistent = minqat.convert(prepared), minqat.convert(prepared, consistent=True)
+    assert default.state_dict().keys() == consistent.state_dict().keys()
+    assert all(torch.equal(v, consistent.state_dict()[k]) for k, v in default.state_dict().items())
+    assert consistent.quant.output_range is None
+    x = torch.randn(3, 2, 5, 5)
+    assert torch.equal(default(x), consistent(x))
+
+
+def test_matmul_clamps_to_the_fake_quant_range():
+    """FloatFunctional.matmul is fake-quantized in training, so its int8 twin clamps where training clamped."""
+
+    class MatMul(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant, self.f = minqat.QuantStub(), minqat.DeQuantStub(), minqat.FloatFunctional()
+
+        def forward(self, x):
+            x = self.quant(x)
+            return self.dequant(self.f.matmul(x, x))
+
+    model = MatMul()
+    model.qconfig = minqat.get_default_qat_qconfig("fbgemm")
+    model = minqat.prepare_qat(model.train())
+    model(torch.randn(4, 4) * 0.5)
+    model.eval()(torch.randn(4, 4) * 0.5)
+    int8 = minqat.convert(model, consistent=True)
+    assert int8.f.output_range == (0, 127)
+    report = compare_layers(model, int8, torch.randn(4, 4) * 2)  # well beyond the observed range
+    assert report.max_lsb <= 1.0, str(report)
+
+
+def test_isolated_and_end_to_end_reports_skip_unobserved_scalar_ops():
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant, self.f = minqat.QuantStub(), minqat.DeQuantStub(), minqat.FloatFunctional()
+            self.conv = nn.Conv2d(1, 1, 1)
+
+        def forward(self, x):
+            y = self.f.add_scalar(self.quant(x), 0.5)
+            return self.dequant(self.f.add(self.conv(y), y))
+
+    model = Scalar()
+    model.qconfig = minqat.get_default_qat_qconfig("fbgemm")
+    model = minqat.prepare_qat(model.train())
+    for _ in range(2):
+        model(torch.randn(2, 1, 3, 3))
+    x = torch.randn(2, 1, 3, 3)
+    model.eval()(x)
+    int8 = minqat.convert(model, consistent=True)
+    for isolated in (True, False):
+        report = compare_layers(model, int8, x, isolated=isolated)
+        assert [r.name for r in report.layers] == ["quant", "conv", "f"]
+        assert report.max_lsb <= 1.0, str(report)
+
+
+def test_consistent_mode_refuses_a_submodule_left_in_training_mode():
+    float_model, shape, classes = build("qm2", 0)
+    prepared = trained_prepared(float_model, "fbgemm-v1", shape, classes, 0).eval()
+    prepared.conv.train()
+    with pytest.raises(ValueError, match=r"'conv' is in training mode"):
+        minqat.convert(prepared, consistent=True)
+
+
+def test_consistent_mode_refuses_an_unknown_int8_class():
+    class MyConv(minqat.nn.quantized.Conv2d):
+        pass
+
+    float_model, shape, classes = build("qm2", 0)
+    prepared = trained_prepared(float_model, "fbgemm-v1", shape, classes, 0).eval()
+    mapping = minqat.get_convert_module_mapping()
+    mapping[type(prepared.conv)] = nn.Identity
+    with pytest.raises(ValueError, match=r"does not know how to build Identity for 'conv'"):
+        minqat.convert(prepared, mapping=mapping, consistent=True)
+
+
+class OffGridFakeQuantize(minqat.FakeQuantize):
+    """A custom fake quant whose output is not on its own grid (it does not quantize at all)."""
+
+    def _fake_quantize(self, x):
+        return x
+
+
+class UnclampedFakeQuantize(minqat.FakeQuantize):
+    """A custom fake quant that rounds onto its grid but never clamps: codes may leave int8."""
+
+    def _fake_quantize(self, x):
+        return torch.round(x / self.scale.reshape(-1, 1, 1, 1)) * self.scale.reshape(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("fake_quant, message", [(OffGridFakeQuantize, "not on its own grid"),
+                                                 (UnclampedFakeQuantize, r"weight codes must fit int8 \[-128, 127\]")])
+def test_consistent_mode_refuses_weights_it_cannot_deploy_exactly(fake_quant, message):
+    torch.manual_seed(0)
+    model = QM2(MINQAT_PARTS)
+    default = minqat.get_default_qat_qconfig("fbgemm")
+    weight = fake_quant.with_args(observer=minqat.MovingAveragePerChannelMinMaxObserver, quant_min=-128,
+                                  quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    model.qconfig = minqat.QConfig(activation=default.activation, weight=weight)
+    model = minqat.prepare_qat(minqat.fuse_modules_qat(model.train(), model.groups()))
+    model(torch.randn(4, 1, 5, 5))
+    model.eval()(torch.randn(4, 1, 5, 5))
+    if fake_quant is UnclampedFakeQuantize:
+        model.conv.weight_fake_quant.scale.fill_(1e-7)  # tiny scale: |W| / s far beyond 127
+        model.apply(minqat.disable_observer)
+    with pytest.raises(ValueError, match=message):
+        minqat.convert(model, consistent=True)

@@ -142,7 +142,8 @@ def test_cat_nhwc_vector_channels_and_copies():
 # (2) live parity with torch.ops.quantized
 # ----------------------------------------------------------------------------------------------
 SHAPES = [((7,), "nchw"), ((130,), "nchw"), ((2, 16, 3, 5), "nchw"), ((2, 16, 3, 5), "cl"), ((1, 3, 7, 7), "cl"),
-          ((3, 70, 9), "t"), ((2, 5, 1, 1), "nchw"), ((3, 5, 6, 7), "slice"), ((2, 6, 5, 4), "cl-slice")]
+          ((3, 70, 9), "t"), ((2, 5, 1, 1), "nchw"), ((3, 5, 6, 7), "slice"), ((2, 6, 5, 4), "cl-slice"),
+          ((2, 64), "nchw"), ((4, 32, 2, 2), "cl")]  # the last two: every element in the vector loop
 VIEWS = {  # applied to the integers before torch's quantized tensor copies their layout
     "nchw": lambda t: t,
     "cl": lambda t: t.contiguous(memory_format=torch.channels_last),
@@ -377,14 +378,18 @@ def test_all_vector_lanes_says_exactly_when_the_mask_is_all_true(shape, channels
 
 
 @pytest.mark.parametrize("n", [64, 128 * 64, 70_016])  # whole blocks: the all-vector branch, 1 and 2 chunks
-def test_all_vector_add_equals_the_masked_computation(n):
+@pytest.mark.parametrize("relu, dtype", [(False, torch.uint8), (True, torch.int8)])
+def test_all_vector_add_equals_the_masked_computation(n, relu, dtype, monkeypatch):
+    """The shortcut (no scalar-loop emulation) against the general path with its lane mask, forced."""
     gen = torch.Generator().manual_seed(n)
-    a = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
-    b = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
+    lo = 0 if dtype == torch.uint8 else -128
+    a = torch.randint(lo, lo + 256, (n,), generator=gen).to(dtype)
+    b = torch.randint(lo, lo + 256, (n,), generator=gen).to(dtype)
     assert ew.all_vector_lanes(a, b, 2)
-    got = ew.add(a, 0.037, 11, b, 0.051, 200, 0.09, 3, num_threads=2)
-    v = ew.dequantize_fma(a, torch.tensor(0.037), 11) + ew.dequantize_fma(b, torch.tensor(0.051), 200)
-    want = ew.rint_then_add_zp(v, 1.0 / torch.tensor(0.09), 3, 0, 255).to(torch.uint8)
+    args = (a, 0.037, 11, b, 0.051, -20 if lo else 200, 0.09, 3)
+    got = ew.add(*args, relu=relu, num_threads=2)
+    monkeypatch.setattr(ew, "all_vector_lanes", lambda *_: False)  # the masked computation, both loops
+    want = ew.add(*args, relu=relu, num_threads=2)
     assert torch.equal(got, want)
 
 

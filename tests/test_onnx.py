@@ -47,11 +47,6 @@ requires_ort = pytest.mark.skipif(ort is None, reason="onnx / onnxruntime are no
                                   "'minqat[onnx]'): the ONNX Runtime checks are skipped")
 
 U8 = torch.uint8
-# the lead's patch gives Quantize / QFunctional the "onnxruntime" mode; until then inputs sit on the grid
-QUANTIZE_ORT = hasattr(nnq.Quantize, "requantization")
-ADD_ORT = hasattr(nnq.QFunctional, "requantization")
-needs_add_mode = pytest.mark.skipif(not ADD_ORT, reason="QFunctional has no requantization='onnxruntime' mode "
-                                   "yet: its add is torch's, which differs from QLinearAdd (measured in (4))")
 
 
 FLOAT_KERNELS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "MatMulIntegerToFloat", "Add"}
@@ -164,7 +159,7 @@ def layers(draw):
     """One int8 conv (1-d / 2-d) or linear layer between a Quantize and a DeQuantize, with its input."""
     seed = draw(st.integers(0, 2**16))
     kind = draw(st.sampled_from(["conv2d", "conv2d", "conv1d", "linear"]))
-    scheme = draw(st.sampled_from(["per_channel", "per_tensor", "per_tensor_affine"]))
+    scheme = draw(st.sampled_from(["per_channel", "per_channel_affine", "per_tensor", "per_tensor_affine"]))
     pow2, bias, relu = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
     gen = torch.Generator().manual_seed(seed)
     cin = draw(st.integers(1, 6))
@@ -185,10 +180,17 @@ def layers(draw):
         shape, w_shape = (2, cin) + (size,) * dims, tuple(layer.weight_int.shape)
     rand = (lambda *s: 2.0 ** -torch.randint(2, 9, s, generator=gen).float()) if pow2 else \
         (lambda *s: torch.rand(s, generator=gen) * 0.02 + 1e-3)
-    w_int = torch.randint(-128, 128, w_shape, generator=gen, dtype=torch.int8)
-    w_scale = rand(cout) if scheme == "per_channel" else rand(1)[0]
-    w_zp = torch.zeros(cout, dtype=torch.long) if scheme == "per_channel" else \
-        torch.tensor(int(torch.randint(-20, 21, (1,), generator=gen)) if scheme == "per_tensor_affine" else 0)
+    # unequal per-channel zero points export only while w_int - zero_point stays in int8 (minqat.onnx.trace)
+    w_max = 100 if scheme == "per_channel_affine" else 127
+    w_int = torch.randint(-w_max - (w_max == 127), w_max + 1, w_shape, generator=gen, dtype=torch.int8)
+    per_channel = scheme.startswith("per_channel")
+    w_scale = rand(cout) if per_channel else rand(1)[0]
+    if scheme == "per_channel_affine":  # unequal zero points per channel
+        w_zp = torch.randint(-20, 21, (cout,), generator=gen)
+    elif per_channel:
+        w_zp = torch.zeros(cout, dtype=torch.long)
+    else:
+        w_zp = torch.tensor(int(torch.randint(-20, 21, (1,), generator=gen)) if scheme == "per_tensor_affine" else 0)
     act = draw(st.sampled_from([U8, U8, torch.int8]))  # activations: torch's quint8, or int8
     lo = 0 if act == U8 else -64  # inputs on [0, 127] / [-64, 63]: no int16 saturation on any x86 (see (3))
     s_x, z_x = float(rand(1) * 4), int(torch.randint(lo, lo + 128, (1,), generator=gen))
@@ -324,13 +326,9 @@ def _flow_model(spec: Spec, qconfig_name: str, seed: int, consistent: bool = Fal
 
 
 def _input(model: nn.Module, spec: Spec, seed: int, batch: int = 6) -> torch.Tensor:
-    """Random floats where Quantize has the ORT mode; else floats on its grid (codes in [0, 127])."""
+    """Random float inputs (Quantize computes ORT's QuantizeLinear in the "onnxruntime" mode)."""
     gen = torch.Generator().manual_seed(seed)
-    shape = (batch, spec.cin, spec.size, spec.size)
-    if QUANTIZE_ORT:
-        return torch.randn(shape, generator=gen)
-    scale, zero_point = float(model.quant.scale), int(model.quant.zero_point)
-    return ((torch.randint(0, 128, shape, generator=gen) - zero_point) * scale).float()
+    return torch.randn((batch, spec.cin, spec.size, spec.size), generator=gen)
 
 
 @st.composite
@@ -343,7 +341,7 @@ def specs(draw):
         convs.append(Unit(cout, draw(st.sampled_from([1, 3])), draw(st.integers(1, 2)), groups, draw(st.booleans()),
                           draw(st.booleans()), draw(st.booleans())))
         c = cout
-    blocks = [None, "add", "add_relu", "add+relu"] if ADD_ORT else [None]
+    blocks = [None, "add", "add_relu", "add+relu"]
     return Spec(tuple(convs), draw(st.sampled_from(blocks)), draw(st.sampled_from(["flatten", "maxpool"])),
                 tuple(draw(st.lists(st.integers(2, 8), max_size=2))))
 
@@ -359,7 +357,6 @@ def test_flow_models_equal_onnxruntime(spec, qconfig_name, seed):
 
 
 @requires_ort
-@needs_add_mode
 @pytest.mark.parametrize("block", ["add", "add_relu", "add+relu"])
 def test_residual_models_equal_onnxruntime(block):
     spec = Spec(convs=(Unit(4, relu=True), Unit(6, stride=2)), block=block, head="maxpool", linears=(8,))
@@ -382,9 +379,10 @@ def test_consistent_convert_exports_its_output_clamps():
 @requires_ort
 def test_prepared_qat_models_export_as_qdq():
     """A prepared model (eval mode) is exported as ``convert(model, consistent=True)``: its QDQ pairs are the fake
-    quants. ORT equals that int8 model bit for bit, and the fake-quant model itself to 1 LSB (measured over 20
-    such models, 3,200 logits: 0.47 % differ, by 1 LSB: the int8 layer rounds the real result once, the float one
-    after float32 arithmetic, minqat.consistent)."""
+    quants. ORT equals that int8 model bit for bit. Against the fake-quant model itself, end to end, the bound is
+    2 LSB: each layer is within 1 LSB of its fake-quant twin given the same input (minqat.consistent), but a
+    1-LSB difference entering a later layer can move its output once more, so the per-layer bounds do not compose
+    to 1 (measured over 20 such models, 3,200 logits: max 1 LSB, 0.44 % of logits differ)."""
     spec = Spec(convs=(Unit(4, relu=True), Unit(6, stride=2)), head="maxpool", linears=(8,))
     worst, bad, total = 0, 0, 0
     for seed in range(4):
@@ -401,8 +399,8 @@ def test_prepared_qat_models_export_as_qdq():
         proto = export_onnx(model, x[:1], None)
         assert any(isinstance(m, minqat.FakeQuantizeBase) for m in model.modules())  # the model is untouched
         int8 = minqat.convert(model, consistent=True)
-        x = x if QUANTIZE_ORT else _input(int8, spec, seed, batch=32)
         assert compare(int8, proto, x)["mismatches"] == 0
+        assert compare(model, proto, x)["mismatches"] == 0  # a prepared model is compared as it is exported
         with torch.no_grad():
             lsb = np.rint(np.abs(model(x).numpy() - run_onnxruntime(proto, x)) / float(int8.fc.scale))
         worst, bad, total = max(worst, int(lsb.max())), bad + int((lsb > 0).sum()), total + lsb.size
@@ -646,3 +644,21 @@ def test_bad_kernel_arguments():
         qlinear_add(acc, 1.0, 0, acc, 1.0, 0, 1.0, 0)
     with pytest.raises(ValueError, match="a_int and b_int must have the same dtype and shape"):
         qlinear_add(torch.zeros(2, dtype=U8), 1.0, 0, torch.zeros(3, dtype=U8), 1.0, 0, 1.0, 0)
+
+
+def test_fbgemm_and_onnxruntime_requantization_differ_by_at_most_one_unit():
+    """torch adds the float bias in float32 (``fl32(acc) + fl32(b / s_b)``), ORT adds ``rint(b / s_b)`` to the int32
+    accumulator: the real results differ by less than half a unit of the bias scale, so outputs differ by at most 1,
+    only near ties. Measured on these random layers: 13 of 102,400 outputs (1.3e-4)."""
+    gen = torch.Generator().manual_seed(0)
+    bad = total = 0
+    for _ in range(200):
+        acc = torch.randint(-20000, 20000, (64, 8), generator=gen, dtype=torch.int32)
+        s_x, s_w = float(torch.rand(1, generator=gen) * 0.05 + 1e-3), torch.rand(8, generator=gen) * 0.01 + 1e-4
+        b, s_y = torch.randn(8, generator=gen) * 0.5, float(torch.rand(1, generator=gen) * 0.5 + 0.05)
+        fbgemm = requantizer("fbgemm", False)(acc, s_x, s_w, s_y, 128, b, axis=1).int()
+        ort = requantize_onnxruntime(acc, s_x, s_w, s_y, 128, b, axis=1).int()
+        diff = (fbgemm - ort).abs()
+        assert int(diff.max()) <= 1
+        bad, total = bad + int((diff > 0).sum()), total + diff.numel()
+    assert 0 < bad / total < 1e-3, (bad, total)

@@ -102,8 +102,9 @@ def check_models(cases: int, gen: torch.Generator, tq, int8_engine: bool = True)
                 for a, b in zip(g_o, g_t):
                     trained.add(a, b)
             state_o, state_t = models[0].state_dict(), models[1].state_dict()
-            for key in state_t:
-                trained.add(state_o[key], state_t[key]) if key in state_o else trained.add(torch.zeros(0), state_t[key])
+            for key in state_o.keys() | state_t.keys():  # a key on one side only counts as a mismatch
+                missing = torch.zeros(0)
+                trained.add(state_o.get(key, missing), state_t.get(key, missing))
             trained.cases += 1
             if int8_engine and backend != "qnnpack":  # activations on [0, 127]: exact on every x86 CPU (§7.2)
                 _compare_int8(models, tq, gen, int8)
@@ -125,6 +126,8 @@ def _compare_int8(models: list[nn.Module], tq, gen: torch.Generator, tally: Tall
         (q_o, y_o), (q_t, y_t) = _int8_outputs(ours, x), _int8_outputs(theirs, x)
     finally:
         torch.backends.quantized.engine = previous
+    for name in q_o.keys() - q_t.keys():  # an int8 layer only minqat has: a mismatch
+        tally.add(q_o[name].int_repr(), torch.zeros(0))
     for name, out in q_t.items():
         if name not in q_o:
             tally.add(torch.zeros(0), out.int_repr())

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..kernels.requantize import REQUANTIZATION_MODES
 from ..qtensor import QTensor
-from .export import export_onnx, require
+from .export import _int8_model, export_onnx, require
 
 __all__ = ["set_requantization", "run_onnxruntime", "run_reference", "compare", "evaluate_onnxruntime"]
 
@@ -132,8 +132,10 @@ def compare(model_int8: nn.Module, onnx_model, x: Tensor) -> dict:
 
     Returns ``{"outputs": elements compared, "mismatches": elements that differ, "max_abs_diff": largest
     difference}`` over all outputs (integer codes for QTensor outputs, floats for dequantized ones). The
-    model's own ``requantization`` settings are restored afterwards.
+    model's own ``requantization`` settings are restored afterwards. A prepared model (eval mode) is compared
+    through ``convert(model, consistent=True)``, the model ``export_onnx`` writes for it.
     """
+    model_int8 = _int8_model(model_int8)  # a prepared model: its consistent conversion, as export_onnx
     y_ort = run_onnxruntime(onnx_model, x)
     y_ort = list(y_ort) if isinstance(y_ort, tuple) else [y_ort]
     with torch.no_grad(), _requantization(model_int8, "onnxruntime"):
@@ -160,6 +162,7 @@ def evaluate_onnxruntime(model_int8: nn.Module, x: Tensor, labels: Tensor | None
     minqat's ``"onnxruntime"`` mode pick the same class), ``mismatches`` / ``outputs`` (logits that differ, bit
     for bit) and ``path`` (the exported file; a temporary one, deleted, when ``path`` is None).
     """
+    model_int8 = _int8_model(model_int8)  # a prepared model: its consistent conversion, as export_onnx
     with tempfile.TemporaryDirectory() as tmp:
         file = os.fspath(path) if path is not None else os.path.join(tmp, "model.onnx")
         proto = export_onnx(model_int8, x[:1], file)

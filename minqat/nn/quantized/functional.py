@@ -40,7 +40,10 @@ from ...qtensor import QTensor
 from ...stubs import FloatFunctional
 from .common import clamp_to_output_range, load_output_range, output_qparams, require_qtensor, require_statistics, save_output_range
 
-__all__ = ["QFunctional"]
+__all__ = ["QFunctional", "OBSERVED_OPS"]
+
+# the ops whose output the prepared FloatFunctional fake-quantizes (add_scalar / mul_scalar are not observed)
+OBSERVED_OPS = ("add", "add_relu", "mul", "cat", "matmul")
 
 
 class QFunctional(nn.Module):
@@ -111,7 +114,7 @@ class QFunctional(nn.Module):
         x, y = require_qtensor(x, "QFunctional.matmul"), require_qtensor(y, "QFunctional.matmul")
         y_int = elementwise.matmul(x.int_repr(), x.scale, x.zero_point, y.int_repr(), y.scale,
                                    y.zero_point, self.scale, self.zero_point)
-        return QTensor(y_int, self.scale, self.zero_point)
+        return QTensor(clamp_to_output_range(y_int, self.output_range), self.scale, self.zero_point)
 
     def add_scalar(self, x: QTensor, y: float) -> QTensor:
         """``torch.ops.quantized.add_scalar``: output qparams derived from ``x``'s (not observed)."""
