@@ -44,6 +44,10 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert abs(settings[8]["qat_int8"] - float_accuracy) <= 0.02
     assert settings[2]["qat_int8"] >= settings[2]["ptq_int8"] + 0.05  # measured: +18 to +29 points, seeds 0-3
     assert len(report["float"]["curve"]) == run.QUICK_EPOCHS == len(settings[2]["qat_curve"])
+    for bits, setting in settings.items():  # convert(consistent=True): each layer within 1 LSB of its fake quant
+        assert setting["deployment"]["consistent"]["max_lsb"] <= 1.0, bits
+        assert setting["deployment"]["default"]["max_lsb"] >= setting["deployment"]["consistent"]["max_lsb"], bits
+    assert "convert(consistent=True): max LSB" in out
     for name in report["plots"]:
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name

@@ -32,7 +32,7 @@ from .data import Digits, epoch_batches
 from .model import FUSE_GROUPS, Library, classifier_qconfig, ptq_qconfig, qat_qconfig
 
 __all__ = ["Schedule", "train_float", "post_training_quantization", "quantization_aware_training",
-           "evaluate", "agreement"]
+           "evaluate", "agreement", "deployment_consistency"]
 
 BATCH = 32
 CALIBRATION_BATCHES = 8  # PTQ: 256 training images through the observers
@@ -185,6 +185,32 @@ def evaluate(model: nn.Module, data: Digits, lib: Library | None = None) -> dict
     accuracy = float((logits.argmax(1) == data.y_test).float().mean())
     return {"accuracy": accuracy, "logits": logits, "codes": seen.get("codes"),
             "scale": seen.get("scale"), "zero_point": seen.get("zero_point")}
+
+
+def deployment_consistency(prepared: nn.Module, int8_default: nn.Module, data: Digits, images: int = 128) -> dict:
+    """minqat's int8 models against their own fake-quant model, layer by layer (``minqat.compare_layers``).
+
+    ``int8_default`` is torch.ao's convert (minqat's default); ``convert(model, consistent=True)`` deploys the
+    fake quants' qparams, folded weights and clamp range instead (``minqat.consistent``). Per mode: the largest
+    LSB difference of any layer on ``images`` test images, the first layer above 1 LSB, and the test accuracy.
+    """
+    from ..convert import convert as minqat_convert
+    from ..fake_quantize import disable_observer
+    from ..report import compare_layers
+
+    model = copy.deepcopy(prepared).eval()
+    model.apply(disable_observer)  # the demo froze them; make sure nothing moves from here on
+    x = data.x_test[:images]
+    with torch.no_grad():
+        model(x)  # the last eval forward, whose qparams the consistent mode deploys
+    modes = {"default": int8_default, "consistent": minqat_convert(model, consistent=True)}
+    result = {}
+    for mode, int8 in modes.items():
+        report = compare_layers(model, int8, x)
+        first = report.first_over(1.0)
+        result[mode] = {"max_lsb": report.max_lsb, "first_layer_over_1_lsb": first.name if first else None,
+                        "accuracy": evaluate(int8, data)["accuracy"]}
+    return result
 
 
 def agreement(ours: dict, theirs: dict) -> dict:

@@ -59,7 +59,7 @@ def build_report(config, data: Digits, schedule: Schedule, float_curve: list[dic
         "float": {"test_accuracy": float_curve[-1]["test_accuracy"], "curve": float_curve},
         "settings": [{"bits": s.bits, "qconfig": qconfig_summary(s.bits, config.backend), "ptq_int8": s.ptq_int8,
                       "qat_fake_quant": s.qat_fake_quant, "qat_int8": s.qat_int8, "qat_curve": s.qat_curve,
-                      "torch_ao": s.torch_ao, "onnx": s.onnx} for s in settings],
+                      "torch_ao": s.torch_ao, "onnx": s.onnx, "deployment": s.deployment} for s in settings],
         "torch_ao": {"ran": torch_ao_reason is None, "reason": torch_ao_reason,
                      "engine": "fbgemm" if torch_ao_reason is None else None},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
@@ -89,6 +89,16 @@ def _agreement_table(report: dict) -> list[str]:
         lines.append(f"| {s['bits']} | {_pct(t['ptq_int8'])} / {_pct(t['qat_int8'])} | {_pct(qat['bit_exact'])} "
                      f"| {qat['max_lsb']:g} | {_pct(qat['top1'])} | {_pct(ptq['bit_exact'])} "
                      f"| {t['prepared_tensors_identical']} / {t['prepared_tensors']} |")
+    return lines
+
+
+def _deployment_table(report: dict) -> list[str]:
+    lines = ["| bits | convert (torch.ao's): max LSB | first layer > 1 LSB | accuracy "
+             "| convert(consistent=True): max LSB | accuracy |", "|---|---:|---|---:|---:|---:|"]
+    for s in report["settings"]:
+        d, c = s["deployment"]["default"], s["deployment"]["consistent"]
+        lines.append(f"| {s['bits']} | {d['max_lsb']:g} | {d['first_layer_over_1_lsb'] or '-'} | {_pct(d['accuracy'])} "
+                     f"| {c['max_lsb']:g} | {_pct(c['accuracy'])} |")
     return lines
 
 
@@ -141,6 +151,10 @@ def format_table(report: dict) -> str:
                       "saturate int16 sums of codes above 127 (numerics.md §7.2), which minqat does not model"]
         if not all_bit_exact(report):
             lines += ["NOT bit-exact somewhere above: `python -m minqat check` cross-checks each component"]
+    if all(s.get("deployment") for s in report["settings"]):
+        lines += ["", "Each QAT int8 model against its own fake-quant model, layer by layer (minqat.compare_layers, "
+                  "128 test images, each layer fed the same input):", ""]
+        lines += _deployment_table(report)
     if any(s["onnx"] for s in report["settings"]):
         lines += ["", "The QAT int8 models exported as ONNX QDQ graphs (minqat.export_onnx) and run by ONNX Runtime "
                   "(CPU), against minqat's \"onnxruntime\" requantization mode:", ""]

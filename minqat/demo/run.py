@@ -66,6 +66,7 @@ class Setting:
     qat_curve: list[dict] = field(default_factory=list)
     torch_ao: dict | None = None
     onnx: dict | None = None
+    deployment: dict | None = None  # int8 vs its fake-quant model: default vs consistent convert
     # minqat's, for the plots: the int8 model, the classifier's QAT-trained float weight and its code range
     qat_int8_model: nn.Module | None = field(default=None, repr=False)
     qat_fc_weight: torch.Tensor | None = field(default=None, repr=False)
@@ -142,6 +143,7 @@ def _run_setting(libs: list[Library], float_model: nn.Module, data: Digits, bits
                       qat_fc_weight=ours["prepared"].fc.weight.detach().clone(),
                       weight_range=(ours["prepared"].fc.weight_fake_quant.quant_min,
                                     ours["prepared"].fc.weight_fake_quant.quant_max))
+    setting.deployment = flow.deployment_consistency(ours["prepared"], ours["int8_model"], data)
     setting.onnx = onnx_hook(ours["int8_model"], data.x_test, data.y_test, bits, config.onnx)
     if "torch.ao" in results:
         theirs = results["torch.ao"]
