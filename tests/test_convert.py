@@ -33,14 +33,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import minqat
 from minqat.convert import CONVERT_MODULE_MAPPING, convert, get_convert_module_mapping
 from minqat.qtensor import QTensor
-from tests.oracle import HAS_AO, ao, assert_bit_exact, requires_ao
+from tests.oracle import ao, assert_bit_exact, requires_ao
 from tests.test_quantized_modules import (
     QCONFIG_NAMES,
     assert_same_int8_module,
@@ -48,7 +48,6 @@ from tests.test_quantized_modules import (
     qconfig,
     quantized_engine,
     randomize_bn,
-    to_torch,
     torch_ao_parts,
 )
 
