@@ -15,8 +15,9 @@ Contenders per case:
 
 * ``minqat``: the int8 module (``minqat.nn.quantized.Conv2d`` / ``Linear``, or the converted model)
   on a ``QTensor``: what a user runs;
-* ``kernel``: the bare kernel it calls (``minqat.kernels.quantized_conv2d`` / ``quantized_linear``),
-  without the module's input checks, ``QTensor`` wrapping and output layout check (``module / bare fn``);
+* ``kernel``: the kernel function computing the same integers (``minqat.kernels.quantized_conv2d`` /
+  ``quantized_linear``), which checks its arguments, packs the weight and derives the requantization
+  constants on every call; the module does that once and keeps it (``module / bare kernel``, below 1);
 * ``torch``:  ``torch.ao.nn.quantized.Conv2d`` / ``Linear`` (or torch.ao's converted model) with
   ``torch.backends.quantized.engine = "fbgemm"``, on the channels-last ``quint8`` tensor a quantized
   conv produces (a contiguous one would add torch's own NCHW -> NHWC copy);

@@ -543,3 +543,133 @@ def test_cuda_equals_cpu(fixed_point):
         for case, run in ((make_conv_case(seed), minqat_conv), (make_linear_case(seed), minqat_linear)):
             expected = run(case, fixed_point=fixed_point)
             assert_bit_exact(run(_to(case, "cuda"), fixed_point=fixed_point).cpu(), expected, f"seed {seed}")
+
+
+# ----------------------------------------------------------------------------------------------
+# packed weights and precomputed requantization (what the int8 modules keep between calls)
+# ----------------------------------------------------------------------------------------------
+import dataclasses  # noqa: E402  (this section's own imports: the file is extended, not rewritten)
+
+from minqat.kernels.linear import gemm_acc_int8, int8_codes, int8_offset, pack_weight  # noqa: E402
+from minqat.kernels.requantize import (  # noqa: E402
+    REQUANTIZATION_MODES,
+    fbgemm_requantization,
+    layer_requantization,
+    requantize,
+    requantizer,
+)
+
+
+@pytest.mark.parametrize("m, k, c", [(1, 1, 1), (2, 1, 1), (1, 3, 1), (2, 1, 3), (1, 5, 4), (3, 5, 1), (6, 7, 4)])
+@pytest.mark.parametrize("asymmetric", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_packed_gemm_equals_the_definition_at_unit_sizes(m, k, c, asymmetric, transpose):
+    # Size-1 dimensions give operands whose strides torch._int_mm misreads unless canonical (the transpose of a
+    # (C + 1, 1) matrix has strides (1, 1)): every operand layout must still give the definition's integers.
+    gen = torch.Generator().manual_seed(100 * m + 10 * k + c)
+    for dtype, (lo, hi) in ((U8, (0, 255)), (I8, (-128, 127))):
+        x = torch.randint(lo, hi + 1, (m, k), generator=gen).to(dtype)
+        w = torch.randint(-128, 128, (c, k), generator=gen).to(I8)
+        z_x = torch.randint(lo, hi + 1, (), generator=gen)
+        z_w = torch.randint(-128, 128, (c,), generator=gen) if asymmetric else torch.zeros(c, dtype=torch.long)
+        packed = pack_weight(w, z_w, transpose)
+        acc = gemm_acc_int8(int8_codes(x), packed, packed.offset(int8_offset(dtype, z_x)))
+        expected = (x.long() - z_x) @ (w.long() - z_w.reshape(-1, 1)).t()
+        assert_bit_exact(acc, expected.to(torch.int32), f"{dtype}, m={m} k={k} c={c}")
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2), (3, 1)])
+def test_1x1_conv_reads_the_strided_positions_without_im2col(memory_format, stride):
+    gen = torch.Generator().manual_seed(stride[0])
+    x = torch.randint(0, 256, (2, 5, 7, 6), generator=gen).to(U8).contiguous(memory_format=memory_format)
+    w = torch.randint(-128, 128, (3, 5, 1, 1), generator=gen).to(I8)
+    z_x, z_w = torch.tensor(17), torch.tensor([0, 3, -2])
+    fast = _conv2d_acc_int_mm(x, z_x, w, z_w, stride, (0, 0), (1, 1))
+    exact = _conv_acc_float64(x, z_x, w, z_w, stride, (0, 0), (1, 1), 1)
+    assert_bit_exact(fast, exact, "1x1 conv")
+    assert fast.stride() == exact.contiguous(memory_format=torch.channels_last).stride()  # channels last
+
+
+def test_requantization_bound_by_hand():
+    # |v| <= (2**31 + B) * M with B = max |bias term|, M = max mult; the in-range path needs <= 2**29.
+    # s_x = s_w = 0.5, s_y = 1: atw = 0.25 = M, (2**31) * 0.25 = 2**29 -> in range.
+    assert fbgemm_requantization(0.5, 0.5, 1.0, 0, None, 1, "cpu").below_2_30
+    # + a bias of 0.25 = 1 unit of atw (per channel b / atw = 1; per tensor |b| * fl32(1 / atw) = 1): just over.
+    assert not fbgemm_requantization(0.5, torch.tensor([0.5]), 1.0, 0, torch.tensor([0.25]), 1, "cpu").below_2_30
+    assert not fbgemm_requantization(0.5, 0.5, 1.0, 0, torch.tensor([0.25]), 1, "cpu").below_2_30
+    # s_y = 2 halves M: (2**31 + 1) * 0.125 < 2**29 -> in range again.
+    assert fbgemm_requantization(0.5, torch.tensor([0.5]), 2.0, 0, torch.tensor([0.25]), 1, "cpu").below_2_30
+    for bad in (float("inf"), float("nan")):  # an infinite or NaN bias term: the edge-handling path
+        assert not fbgemm_requantization(0.5, torch.tensor([0.5]), 2.0, 0, torch.tensor([bad]), 1, "cpu").below_2_30
+    # the extreme accumulators under M = 1/4 stay far inside the int32 range
+    recipe = fbgemm_requantization(0.5, 0.5, 1.0, 200, None, 1, "cpu")
+    acc = torch.tensor([[-(2**31)], [2**31 - 1]], dtype=torch.int32)
+    assert recipe(acc).flatten().tolist() == [0, 255]  # -2**29 + 200 -> 0, 2**29 + 200 -> 255
+
+
+@st.composite
+def requantization_cases(draw):
+    """An int32 accumulator (with the int32 extremes) and qparams whose multiplier spans 1e-7 .. 4."""
+    channels = draw(st.integers(1, 5))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    magnitude = 2 ** draw(st.integers(4, 31))
+    acc = torch.randint(-magnitude, magnitude, (7, channels), generator=gen, dtype=torch.int64)
+    acc = torch.cat([acc, torch.full((2, channels), -(2**31)), torch.full((2, channels), 2**31 - 1)])
+    s_x = draw(st.floats(1e-3, 1.0))
+    s_w = torch.rand(channels, generator=gen, dtype=torch.float64) * 0.01 + 1e-4
+    per_channel = draw(st.booleans())
+    mult = 10.0 ** draw(st.floats(-7, 0.6))  # about s_x * s_w / s_y
+    s_y = s_x * float(s_w.max()) / mult
+    bias = torch.randn(channels, generator=gen) * draw(st.sampled_from([0.0, 1e-3, 1.0, 1e3])) if draw(
+        st.booleans()) else None
+    dtype = draw(st.sampled_from([U8, I8]))
+    lo, hi = (0, 255) if dtype == U8 else (-128, 127)
+    return dict(acc=acc.to(torch.int32), x_scale=s_x, w_scale=s_w if per_channel else float(s_w[0]), y_scale=s_y,
+                y_zero_point=draw(st.integers(lo, hi)), bias=bias, relu=draw(st.booleans()), dtype=dtype)
+
+
+@given(case=requantization_cases())
+def test_in_range_requantization_equals_the_edge_handling_one(case):
+    acc = case.pop("acc")
+    recipe = fbgemm_requantization(case["x_scale"], case["w_scale"], case["y_scale"], case["y_zero_point"],
+                                   case["bias"], acc.size(1), "cpu", relu=case["relu"], dtype=case["dtype"])
+    general = dataclasses.replace(recipe, below_2_30=False)  # the cvtps2dq edge handling for every element
+    assert_bit_exact(recipe(acc), general(acc), "in-range vs edge-handling requantization")
+    assert_bit_exact(requantize(acc, **case, axis=1), general(acc), "requantize")
+    if recipe.below_2_30:  # the bound is sound: |v| < 2**30 even at the int32 extremes
+        raw = acc.float()
+        if recipe.bias_over_atw is not None:
+            raw = raw + recipe.bias_over_atw
+        elif recipe.bias is not None:
+            raw = raw + recipe.bias.double() * recipe.rcp.double()  # the FMA's exact sum, then the bound below
+        assert float((raw.double() * recipe.mult.double()).abs().max()) < 2**30 * (1 - 2**-20)
+
+
+def test_requantize_keeps_the_accumulator_layout():
+    gen = torch.Generator().manual_seed(0)
+    acc = torch.randint(-5000, 5000, (2, 3, 4, 5), generator=gen, dtype=torch.int32)
+    args = (0.1, torch.rand(3, generator=gen) + 0.1, 1.0, 5, torch.randn(3, generator=gen))
+    expected = requantize(acc, *args, axis=1)
+    transposed = acc.transpose(2, 3).contiguous().transpose(2, 3)
+    for layout in (acc, acc.contiguous(memory_format=torch.channels_last), transposed):
+        y = requantize(layout, *args, axis=1)
+        assert y.stride() == layout.stride()
+        assert_bit_exact(y, expected, "layout")
+
+
+@pytest.mark.parametrize("mode", REQUANTIZATION_MODES)
+def test_layer_requantization_equals_the_named_recipe(mode):
+    for seed in range(20):
+        case = make_linear_case(seed)
+        acc = _linear_acc_of(case).reshape(-1, case["w"].size(0))  # channels last
+        qparams = (case["x_scale"], case["w_scale"], case["y_scale"], case["y_zp"], case["bias"])
+        bound = layer_requantization(mode, *qparams, acc.size(-1), "cpu", relu=case["relu"], dtype=U8)
+        expected = requantizer(mode)(acc, *qparams, axis=-1, relu=case["relu"], dtype=U8)
+        assert_bit_exact(bound(acc), expected, f"{mode}, seed {seed}")
+    with pytest.raises(ValueError, match="requantization must be one of"):
+        layer_requantization("tflite", 1.0, 1.0, 1.0, 0, None, 1, "cpu", relu=False, dtype=U8)
+    with pytest.raises(ValueError, match="y_scale must be positive and finite"):
+        layer_requantization(mode, 1.0, 1.0, 0.0, 0, None, 1, "cpu", relu=False, dtype=U8)
+    with pytest.raises(ValueError, match="y_zero_point must lie in"):
+        layer_requantization(mode, 1.0, 1.0, 1.0, 300, None, 1, "cpu", relu=False, dtype=U8)

@@ -562,3 +562,168 @@ def test_weight_quantization_bad_observers_are_named():
     require_statistics(None, "nothing")  # no observer: nothing to check
     learnable = minqat.LearnableFakeQuantize(minqat.MovingAverageMinMaxObserver, quant_min=0, quant_max=255)
     require_statistics(learnable, "learned")  # qparams are parameters: never "unobserved"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the int8 GEMM path (CPU) keeps its packed weight and constants between calls (LayerCache): the kernels'
+# integers on every call, recomputed whenever a buffer, qparam or mode changes
+# ----------------------------------------------------------------------------------------------------------
+import pickle  # noqa: E402  (this section's own imports: the file is extended, not rewritten)
+
+from minqat.nn.quantized.prepared import LayerCache  # noqa: E402
+from tests.test_kernels_conv_linear import (  # noqa: E402
+    make_conv_case,
+    make_linear_case,
+    minqat_conv,
+    minqat_linear,
+    torch_conv,
+    torch_linear,
+)
+
+
+def module_of(case: dict, requantization: str = "fbgemm") -> tuple[nn.Module, QTensor]:
+    """The int8 module of a kernel test case (tests/test_kernels_conv_linear.py) and its QTensor input."""
+    w, bias = case["w"], case["bias"]
+    if "dims" in case:
+        cls = ConvReLU2d if case["relu"] else Conv2d
+        module = cls(w.size(1) * case["groups"], w.size(0), w.shape[2:], case["stride"], case["padding"],
+                     case["dilation"], case["groups"], bias=bias is not None)
+    else:
+        module = (LinearReLU if case["relu"] else Linear)(w.size(1), w.size(0), bias_=bias is not None)
+    w_scale = torch.as_tensor(case["w_scale"])  # float64 per channel or a Python float: float32 in the module
+    module.set_weight_bias(w, w_scale, torch.as_tensor(case["w_zp"]), bias)
+    module.scale, module.zero_point, module.requantization = case["y_scale"], case["y_zp"], requantization
+    return module, QTensor(case["x"], case["x_scale"], case["x_zp"])
+
+
+def as_int8(case: dict) -> dict:
+    """The same layer on int8 activations and outputs: every code and zero point shifted by -128."""
+    return dict(case, x=(case["x"].int() - 128).to(I8), x_zp=case["x_zp"] - 128, y_zp=case["y_zp"] - 128)
+
+
+def fresh_output(module: nn.Module, x: QTensor) -> QTensor:
+    """``module``'s output recomputed by a new module loaded from its state (nothing kept from earlier calls)."""
+    if isinstance(module, Linear):
+        fresh = type(module)(module.in_features, module.out_features, bias_=module.bias_float is not None)
+    else:
+        fresh = type(module)(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                             module.padding, module.dilation, module.groups, bias=module.bias_float is not None)
+    fresh.load_state_dict(module.state_dict(), strict=True)
+    fresh.requantization = module.requantization
+    return fresh(x)
+
+
+@settings(max_examples=60)
+@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["conv", "linear"]),
+       mode=st.sampled_from(["fbgemm", "fbgemm", "fixed_point", "onnxruntime"]), signed=st.booleans())
+def test_int8_modules_equal_the_kernel_functions_on_every_call(seed, kind, mode, signed):
+    case = make_conv_case(seed, 2, "one") if kind == "conv" else make_linear_case(seed)
+    case = as_int8(case) if signed else case
+    module, x = module_of(case, mode)
+    kernel = (minqat_conv if kind == "conv" else minqat_linear)(case, requantization=mode, dtype=x.dtype)
+    for call in ("first call", "second call (kept constants)"):
+        y = module(x)
+        assert_bit_exact(y.int_repr(), kernel, f"{kind} {mode}: {call}")
+        assert (y.scale, y.zero_point) == (module.scale, module.zero_point)
+        if kind == "conv":
+            assert y.int_repr().is_contiguous(memory_format=torch.channels_last)
+
+
+@requires_ao
+@settings(max_examples=30)
+@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["conv", "linear"]))
+def test_int8_modules_match_torch_on_every_call(seed, kind):
+    case = make_conv_case(seed, 2, "one") if kind == "conv" else make_linear_case(seed)
+    module, x = module_of(case)
+    expected = (torch_conv if kind == "conv" else torch_linear)(case)
+    for call in ("first", "second"):
+        assert_bit_exact(module(x).int_repr(), expected, f"{kind}, {call} call")
+
+
+def _changes(module: nn.Module, x: QTensor, gen: torch.Generator):
+    """``(name, change, must_change_the_output)``: every way the kept constants can go stale."""
+    other_w = torch.randint(-128, 128, module.weight_int.shape, generator=gen).to(I8)
+    twin = copy.deepcopy(module)
+    twin.weight_int.copy_(other_w.clamp(max=63) * 2)
+    return [
+        ("set_weight_bias", lambda: module.set_weight_bias(other_w, module.weight_scale, module.weight_zero_point,
+                                                           module.bias_float), True),
+        ("in-place weight", lambda: module.weight_int.copy_(other_w.clamp(min=-127).neg()), True),
+        ("in-place weight scale", lambda: module.weight_scale.mul_(1.75), True),
+        ("in-place weight zero point", lambda: module.weight_zero_point.fill_(5), True),
+        ("in-place bias", lambda: module.bias_float.sub_(50 * module.scale), True),
+        ("load_state_dict", lambda: module.load_state_dict(twin.state_dict(), strict=True), True),
+        (".half()", lambda: module.half(), False),  # float buffers rounded to float16: new tensors
+        ("requantization", lambda: setattr(module, "requantization", "fixed_point"), False),
+        ("requantization", lambda: setattr(module, "requantization", "fbgemm"), False),
+        ("output scale", lambda: setattr(module, "scale", module.scale * 3), True),
+        ("output zero point", lambda: setattr(module, "zero_point", module.zero_point // 2), True),
+        ("output_range", lambda: setattr(module, "output_range", (10, 60)), True),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_kept_constants_follow_every_change(kind):
+    gen = torch.Generator().manual_seed(0)
+    case = make_conv_case(3, 2, "one", "random", True) if kind == "conv" else make_linear_case(5, "random", True)
+    case = dict(case, bias=torch.randn(case["w"].size(0), generator=gen) * 1e-3, relu=False, y_zp=100)
+    module, x = module_of(case)
+    for name, change, must_change in _changes(module, x, gen):
+        before = module(x).int_repr()
+        change()
+        after = module(x)
+        assert_bit_exact(after.int_repr(), fresh_output(module, x).int_repr(), f"{kind}: after {name}")
+        assert not must_change or not torch.equal(after.int_repr(), before), f"{kind}: {name} changed nothing"
+    for x_scale, x_zero_point in ((x.scale * 2, x.zero_point), (x.scale, x.zero_point + 3),
+                                  (torch.tensor([x.scale]), torch.tensor([x.zero_point]))):  # new input qparams
+        x = QTensor(x.int_repr(), x_scale, x_zero_point)
+        assert_bit_exact(module(x).int_repr(), fresh_output(module, x).int_repr(), f"{kind}: new input qparams")
+
+
+def test_copies_start_with_their_own_constants():
+    module, x = module_of(make_conv_case(7, 2, "one", "random", True))
+    y = module(x).int_repr()  # constants kept
+    copies = [copy.deepcopy(module), pickle.loads(pickle.dumps(module))]
+    state = dict(module.__dict__)
+    del state["_prepared"]  # a module pickled before the cache existed
+    old = Conv2d.__new__(type(module))
+    old.__setstate__(state)
+    module.weight_int.copy_(torch.flip(module.weight_int, [0]))  # the original moves on
+    for other in [*copies, old]:
+        assert isinstance(other._prepared, LayerCache) and other._prepared is not module._prepared
+        assert_bit_exact(other(x).int_repr(), y if other is not old else fresh_output(old, x).int_repr(), "copy")
+
+
+def test_inference_tensors_are_never_kept():
+    # tensors created under inference_mode have no version counter: the module recomputes on every call
+    case = make_linear_case(11, "random", True)
+    with torch.inference_mode():
+        module, x = module_of(case)
+        y = module(x)
+        module.weight_int.copy_(torch.flip(module.weight_int, [1]))
+        after = module(x)
+    assert_bit_exact(y.int_repr(), minqat_linear(case), "inference mode")
+    assert_bit_exact(after.int_repr(), fresh_output(module, x).int_repr(), "inference mode, after a change")
+
+
+def test_kept_constants_keep_the_error_messages():
+    conv, x = module_of(make_conv_case(2, 2, "one", "random", True))
+    lin, x_lin = module_of(make_linear_case(2, "random", True))
+    conv(x), lin(x_lin)  # warm
+    with pytest.raises(ValueError, match="x_int must be a torch.uint8 or torch.int8 tensor"):
+        conv(QTensor(x.int_repr().int(), x.scale, x.zero_point))
+    with pytest.raises(ValueError, match="x_int must be a torch.uint8 or torch.int8 tensor"):
+        lin(QTensor(x_lin.int_repr().int(), x_lin.scale, x_lin.zero_point))
+    with pytest.raises(ValueError, match="groups must divide the output channels and match the input channels"):
+        conv(QTensor(torch.zeros(1, conv.in_channels + 1, 9, 9, dtype=U8), 0.5, 0))
+    small = Conv2d(1, 1, 3)  # unpadded 3x3
+    small(QTensor(torch.zeros(1, 1, 5, 5, dtype=U8), 0.5, 0))  # warm
+    with pytest.raises(ValueError, match="x_int is too small"):
+        small(QTensor(torch.zeros(1, 1, 2, 5, dtype=U8), 0.5, 0))
+    for mode in ("fbgemm", "fixed_point"):
+        for module, inp in ((conv, x), (lin, x_lin)):
+            bad = copy.deepcopy(module)
+            bad.requantization, bad.scale = mode, 0.0
+            with pytest.raises(ValueError, match="y_scale must be positive and finite"):
+                bad(inp)
+    assert Linear(3, 2)(QTensor(torch.zeros(0, 3, dtype=U8), 0.5, 0)).shape == (0, 2)  # empty: the kernel path

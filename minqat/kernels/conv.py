@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from ..dtypes import dtype_range
 from ..functional.qparams_args import per_tensor_zero_point
-from .linear import gemm_acc_int8, int_mm_usable, shift_to_int8, weight_zero_point, wrap_int32
+from .linear import (PackedWeight, gemm_acc_int8, int8_codes, int8_offset, int_mm_usable, pack_weight,
+                     weight_zero_point, wrap_int32)
 from .requantize import requantizer
 
 __all__ = [
@@ -88,7 +89,8 @@ def _check_groups(groups, c_in: int, w: torch.Tensor) -> int:
     return int(groups)
 
 
-def _check_output_size(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> None:
+def check_output_size(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> None:
+    """``ValueError`` unless every dilated kernel extent fits the padded input (shapes only: cheap per call)."""
     for i, (s, p, d) in enumerate(zip(stride, padding, dilation)):
         span = d * (w.size(2 + i) - 1) + 1
         if x.size(2 + i) + 2 * p < span:
@@ -109,23 +111,51 @@ def _conv_acc_float64(x, z_x, w, z_w, stride, padding, dilation, groups) -> torc
     return wrap_int32(acc.to(torch.int64))
 
 
+def pack_conv_weight(w: torch.Tensor, z_w: torch.Tensor, transpose: bool) -> PackedWeight:
+    """A ``groups=1`` 2-d conv weight ``(C_out, C, kh, kw)`` as the ``(C_out, K)`` GEMM matrix of
+    :func:`conv2d_acc_int8`, K in ``(kh, kw, C)`` order (``minqat.kernels.linear.pack_weight``)."""
+    w_mat = w.permute(0, 2, 3, 1).reshape(w.size(0), -1)  # (C_out, K), K = kh * kw * C
+    return pack_weight(w_mat, z_w, transpose)
+
+
+def conv2d_acc_int8(x: torch.Tensor, d: int, packed: PackedWeight, offset: torch.Tensor, kernel_size: tuple[int, int],
+                    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """Exact accumulator of a ``groups=1`` 2-d conv: channels-last im2col + the int8 GEMM of linear.
+
+    ``x (N, C, H, W)`` (channels-last strides read without a copy) is shifted to its int8 codes ``x'``
+    first (``x - z_x = x' + d``, ``d = int8_offset(x.dtype, z_x)``, ``offset = packed.offset(d)``), then
+    padded with ``-d`` (a padded tap contributes ``x' + d = 0``) and unfolded into the ``(M, K)`` im2col
+    matrix. A 1x1 kernel without padding needs no im2col: its matrix is ``x'`` at the strided positions,
+    a view for stride 1. Returns ``(N, C_out, Ho, Wo)`` with channels-last strides.
+    """
+    n = x.size(0)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    x_nhwc = x.permute(0, 2, 3, 1)  # (N, H, W, C)
+    if (kh, kw, ph, pw) == (1, 1, 0, 0):
+        x_s = int8_codes(x_nhwc[:, ::sh, ::sw])  # (N, Ho, Wo, C): only the positions the kernel reads
+        h_out, w_out = x_s.shape[1:3]
+        cols = x_s.reshape(-1, x_s.size(3))  # (M, K = C)
+    else:
+        x_s = F.pad(int8_codes(x_nhwc), (0, 0, pw, pw, ph, ph), value=-d)  # (N, Hp, Wp, C), pad x' = -d
+        cols = x_s.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+        h_out, w_out = cols.shape[1], cols.shape[2]  # cols: (N, Ho, Wo, C, kh, kw)
+        cols = cols.permute(0, 1, 2, 4, 5, 3).reshape(n * h_out * w_out, -1)  # (M, K), K in (kh, kw, C) order
+    acc = gemm_acc_int8(cols, packed, offset)  # (M, C_out), exact int32
+    return acc.reshape(n, h_out, w_out, -1).permute(0, 3, 1, 2)  # (N, C_out, Ho, Wo)
+
+
 def _conv2d_acc_int_mm(x, z_x, w, z_w, stride, padding, dilation) -> torch.Tensor:
-    """Exact accumulator of a ``groups=1`` 2-d conv: channels-last im2col + the int8 GEMM of linear."""
-    n, c, _, _ = x.shape
-    c_out, _, kh, kw = w.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    x_nhwc = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph), value=int(z_x))  # (N, Hp, Wp, C), pad z_x
-    x_s, d = shift_to_int8(x_nhwc, z_x)  # x - z_x = x_s + d, x_s int8
-    cols = x_s.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
-    h_out, w_out = cols.shape[1], cols.shape[2]  # cols: (N, Ho, Wo, C, kh, kw)
-    cols = cols.permute(0, 1, 2, 4, 5, 3).reshape(n * h_out * w_out, kh * kw * c)  # (M, K), K in (kh, kw, C) order
-    w_mat = w.permute(0, 2, 3, 1).reshape(c_out, kh * kw * c)  # (C_out, K), same K order
-    acc = gemm_acc_int8(cols, d, w_mat, z_w)  # (M, C_out), exact int32
-    return acc.reshape(n, h_out, w_out, c_out).permute(0, 3, 1, 2)  # (N, C_out, Ho, Wo)
+    """:func:`conv2d_acc_int8` with the weight packed for this call (``W'`` copied row-major when ``M >= C_out``)."""
+    h_out, w_out = (
+        (x.size(2 + i) + 2 * padding[i] - dilation[i] * (w.size(2 + i) - 1) - 1) // stride[i] + 1 for i in range(2))
+    packed = pack_conv_weight(w, z_w, transpose=x.size(0) * h_out * w_out >= w.size(0))  # the copy pays for M >= C
+    d = int8_offset(x.dtype, z_x)
+    return conv2d_acc_int8(x, int(d), packed, packed.offset(d), tuple(w.shape[2:]), stride, padding, dilation)
 
 
-def _conv_int(x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups, dims: int):
-    """Validate, then accumulate exactly (shared by the 1-d, 2-d and 3-d entry points)."""
+def check_conv_arguments(x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups, dims: int):
+    """Validate a conv's arguments; returns ``(z_x, z_w, stride, padding, dilation, groups)`` normalised:
+    0-d int64 ``z_x``, 0-d or ``(C_out,)`` int64 ``z_w``, tuples of ``dims`` ints and an int."""
     layout = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[dims]
     _check_int_tensor(x_int, "x_int", ACTIVATION_DTYPES, dims + 2, layout)
     _check_int_tensor(w_int, "w_int", (torch.int8,), dims + 2, "(C_out, C_in / groups, *kernel)")
@@ -136,7 +166,14 @@ def _conv_int(x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilatio
     padding = _tuple(padding, dims, "padding", 0)
     dilation = _tuple(dilation, dims, "dilation", 1)
     groups = _check_groups(groups, x_int.size(1), w_int)
-    _check_output_size(x_int, w_int, stride, padding, dilation)
+    check_output_size(x_int, w_int, stride, padding, dilation)
+    return z_x, z_w, stride, padding, dilation, groups
+
+
+def _conv_int(x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups, dims: int):
+    """Validate, then accumulate exactly (shared by the 1-d, 2-d and 3-d entry points)."""
+    z_x, z_w, stride, padding, dilation, groups = check_conv_arguments(
+        x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups, dims)
     if dims == 1:  # a 1-d conv is a 2-d conv over a unit height
         acc = _conv_int(x_int.unsqueeze(2), z_x, w_int.unsqueeze(2), z_w, (1,) + stride, (0,) + padding,
                         (1,) + dilation, groups, 2)

@@ -22,6 +22,11 @@ Exactness. Two paths compute the same integers:
 
   This is also how fbgemm itself handles zero points (row/column offsets, numerics.md §7.1).
 
+  The weight side -- ``w`` laid out as ``_int_mm``'s operand, ``sum_k w - K z_w`` -- depends on the
+  weight alone: :func:`pack_weight` computes it (a :class:`PackedWeight`, fbgemm's ``linear_prepack``).
+  The functions here pack on every call; the int8 modules pack once and keep it
+  (``minqat.nn.quantized.prepared.LayerCache``).
+
 Both wrap around on int32 overflow as fbgemm's accumulator does (it needs ``K`` in the tens of
 thousands at worst-case values).
 
@@ -33,19 +38,21 @@ tensor([[ 4, -8]], dtype=torch.int32)
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from ..dtypes import dtype_range
 from ..functional.qparams_args import per_channel_zero_point, per_tensor_zero_point
-from .requantize import requantizer
+from .requantize import TOP_BIT, requantizer
 
 __all__ = ["linear_int", "quantized_linear"]
 
 ACTIVATION_DTYPES = (torch.uint8, torch.int8)
 
 
-def _check_operands(x_int, w_int) -> None:
+def check_linear_operands(x_int, w_int) -> None:
+    """``ValueError`` unless ``x_int`` is uint8/int8 ``(..., K)`` and ``w_int`` int8 ``(C, K)``."""
     if not isinstance(x_int, torch.Tensor) or x_int.dtype not in ACTIVATION_DTYPES:
         raise ValueError(
             "x_int must be a torch.uint8 or torch.int8 tensor, "
@@ -76,12 +83,17 @@ def wrap_int32(v: torch.Tensor) -> torch.Tensor:
 
 
 def _mm_operand(t: torch.Tensor) -> torch.Tensor:
-    """``t`` laid out as ``torch._int_mm`` reads it: row- or column-major (a transposed view costs no
-    copy). A matrix with a size-1 dimension is copied to canonical row-major strides, because
-    ``_int_mm`` misreads e.g. the transpose of an ``(n, 1)`` matrix (measured, torch 2.13)."""
+    """``t`` laid out as ``torch._int_mm`` reads it: canonical row-major, or column-major (a transposed view
+    costs no copy). Any other layout is copied to row-major, also a column-major matrix with a size-1
+    dimension: ``_int_mm`` misreads e.g. the transpose of an ``(n, 1)`` matrix (measured, torch 2.13)."""
     rows, cols = t.shape
-    if rows > 1 and cols > 1 and t.stride() in ((cols, 1), (1, rows)):
+    if t.stride() == (cols, 1) or (rows > 1 and cols > 1 and t.stride() == (1, rows)):
         return t
+    return _row_major(t)
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with canonical row-major strides ``(cols, 1)``, also where a dimension is 1."""
     return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
 
 
@@ -101,31 +113,83 @@ def int_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.numel() > 0 and w.numel() > 0 and _int_mm_works_on_cpu()
 
 
+def int8_codes(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as int8 GEMM operand: int8 as is, uint8 shifted to ``x - 128`` (flip the top bit, two's complement)."""
+    return x if x.dtype == torch.int8 else torch.bitwise_xor(x, TOP_BIT).view(torch.int8)
+
+
+def int8_offset(dtype: torch.dtype, z_x: torch.Tensor) -> torch.Tensor:
+    """``d`` with ``x - z_x = int8_codes(x) + d``: ``128 - z_x`` for uint8, ``-z_x`` for int8 (0-d int32)."""
+    return (-z_x if dtype == torch.int8 else 128 - z_x).to(torch.int32)
+
+
 def shift_to_int8(x: torch.Tensor, z_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x', d)`` with ``x' = x - offset`` int8 and ``x - z_x = x' + d`` (offset 128 for uint8, else 0)."""
-    if x.dtype == torch.int8:
-        return x, (-z_x).to(torch.int32)
-    x_s = torch.bitwise_xor(x, 128).view(torch.int8)  # u - 128 in two's complement: flip the top bit
-    return x_s, (128 - z_x).to(torch.int32)
+    return int8_codes(x), int8_offset(x.dtype, z_x)
 
 
-def gemm_acc_int8(x_s: torch.Tensor, d: torch.Tensor, w: torch.Tensor, z_w: torch.Tensor) -> torch.Tensor:
-    """Exact ``sum_k (x_s[m, k] + d) * (w[c, k] - z_w[c])`` in int32 for int8 ``x_s (M, K)``, ``w (C, K)``.
+@dataclass(frozen=True)
+class PackedWeight:
+    r"""An int8 weight matrix laid out for ``torch._int_mm``, with the terms of its zero point (:func:`pack_weight`).
 
-    The row sums ``sum_k x'`` come from an extra all-ones weight row when ``M >= C`` (im2col
-    matrices: one more GEMM column is cheaper than summing ``x'``), else from a plain sum.
+    fbgemm packs a layer's weight once (``linear_prepack`` / ``conv_prepack``); the int8 modules keep a
+    ``PackedWeight`` the same way, the kernel functions pack on every call. For ``w (C, K)``::
+
+        W'         = w^T  (K, C), or [w^T, 1...1] (K, C + 1) when some z_w != 0 (the ones give sum_k x')
+        column_sum = sum_k w[c, k] - K z_w[c]                                      exact int32
+
+    CPU ``_int_mm`` is fastest with ``W'`` column-major for a one-row product and row-major for longer
+    ones (measured, torch 2.13): the column-major form is a view of ``w``, the row-major one a copy.
     """
-    (m, k), c = x_s.shape, w.size(0)
+
+    column_major: torch.Tensor  # (K, C') W' as a view of the row-major (C', K) [w; ones]
+    row_major: torch.Tensor | None  # (K, C') W' copied row-major, or None where the copy would not pay
+    zero_point: torch.Tensor  # () or (C,) int32 z_w
+    column_sum: torch.Tensor  # (C,) int32 sum_k w[c, k] - K z_w[c]
+
+    def operand(self, m: int) -> torch.Tensor:
+        """``W'`` for a product with an ``(m, K)`` left operand."""
+        return self.row_major if self.row_major is not None and m > 1 else self.column_major
+
+    def offset(self, d) -> torch.Tensor:
+        """``d (sum_k w - K z_w)``, the ``(C,)`` int32 term of an input offset ``d`` (module docstring)."""
+        return d * self.column_sum
+
+
+def pack_weight(w: torch.Tensor, z_w: torch.Tensor, transpose: bool) -> PackedWeight:
+    """Pack ``w (C, K)`` int8 with its validated zero point (0-d or ``(C,)``); ``transpose``: also copy ``W'``
+    row-major.
+
+    Whether the weights are asymmetric (need the ones column) is read from ``z_w``: the int8 GEMM runs on CPU
+    only, where reading values costs no synchronisation.
+
+    >>> packed = pack_weight(torch.tensor([[1, 2], [3, -4]], dtype=torch.int8), torch.tensor(0), transpose=False)
+    >>> packed.column_sum, packed.column_major.shape                   # symmetric: no ones column
+    (tensor([ 3, -1], dtype=torch.int32), torch.Size([2, 2]))
+    """
+    c, k = w.shape
     ones = torch.ones(1, k, dtype=torch.int8, device=w.device)
-    if m >= c:  # (M, C + 1) = [sum_k x' w,  sum_k x']
-        p = torch._int_mm(_mm_operand(x_s), _mm_operand(torch.cat([w, ones]).t()))
-        xw, x_sum = p[:, :c], p[:, c:]
-    else:
-        xw = torch._int_mm(_mm_operand(x_s), _mm_operand(w.t()))
-        x_sum = x_s.sum(1, dtype=torch.int32, keepdim=True)
-    w_sum = torch._int_mm(_mm_operand(ones), _mm_operand(w.t()))[0]  # sum_k w[c, k]
+    symmetric = not bool(z_w.ne(0).any())
+    rows = w.contiguous() if symmetric else torch.cat([w, ones])  # (C', K)
     z_w = z_w.to(torch.int32)
-    return xw - z_w * x_sum + d * (w_sum - k * z_w)  # + d (sum_k w - K z_w)
+    w_sum = torch._int_mm(_mm_operand(ones), _mm_operand(w.t()))[0]  # sum_k w[c, k]
+    row_major = _row_major(rows.t()) if transpose else None
+    return PackedWeight(_mm_operand(rows.t()), row_major, z_w, w_sum - k * z_w)
+
+
+def gemm_acc_int8(x_s: torch.Tensor, packed: PackedWeight, offset: torch.Tensor) -> torch.Tensor:
+    """Exact ``sum_k (x_s[m, k] + d) * (w[c, k] - z_w[c])`` in int32 for int8 ``x_s (M, K)``: ``(M, C)``,
+    with ``offset = packed.offset(d)``.
+
+    One ``_int_mm`` gives ``sum_k x' w`` (and ``sum_k x'`` from the ones column, for asymmetric weights);
+    the zero-point terms are added in int32 (module docstring).
+    """
+    p = torch._int_mm(_mm_operand(x_s), packed.operand(x_s.size(0)))  # (M, C')
+    c = packed.column_sum.size(0)
+    if p.size(1) == c:  # symmetric weights: z_w = 0
+        return p.add_(offset)
+    xw, x_sum = p[:, :c], p[:, c:]  # [sum_k x' w,  sum_k x']
+    return (xw - packed.zero_point * x_sum).add_(offset)
 
 
 def linear_int(x_int: torch.Tensor, x_zero_point, w_int: torch.Tensor, w_zero_point) -> torch.Tensor:
@@ -145,13 +209,15 @@ def linear_int(x_int: torch.Tensor, x_zero_point, w_int: torch.Tensor, w_zero_po
     ...            torch.tensor([-1]))                                # 0*128 + 255*(-127)
     tensor([-32385], dtype=torch.int32)
     """
-    _check_operands(x_int, w_int)
+    check_linear_operands(x_int, w_int)
     qmin, qmax = dtype_range(x_int.dtype)
     z_x = per_tensor_zero_point(x_zero_point, qmin, qmax, x_int.device, name="x_zero_point")
     z_w = weight_zero_point(w_zero_point, w_int.size(0), x_int.device)
     x2d = x_int.reshape(-1, x_int.size(-1))  # (M, K)
     if int_mm_usable(x2d, w_int):
-        acc = gemm_acc_int8(*shift_to_int8(x2d, z_x), w_int, z_w)
+        packed = pack_weight(w_int, z_w, transpose=x2d.size(0) >= w_int.size(0))  # the copy pays for long x
+        x_s, d = shift_to_int8(x2d, z_x)
+        acc = gemm_acc_int8(x_s, packed, packed.offset(d))
     else:
         x_c = x2d.to(torch.float64) - z_x
         w_c = w_int.to(torch.float64) - z_w.reshape(-1, 1)

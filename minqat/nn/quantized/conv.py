@@ -14,6 +14,10 @@ The ``requantization`` attribute picks the recipe (``minqat.kernels.requantize.r
 ``QLinearConv``, with an int32 bias: ``minqat.kernels.onnxruntime``); ``minqat.onnx.set_requantization``
 sets it on a whole model.
 
+A 2-d ``groups=1`` conv on CPU keeps its packed weight and requantization constants between calls,
+recomputed whenever a buffer, a qparam or the mode changes (``prepared.LayerCache``,
+``linear.py``); other convs call the kernel function, which checks and packs on every call.
+
 ``from_float(qat_module)`` is torch.ao's convert step for one layer (numerics.md §6):
 
 1. a ``ConvBn*`` / ``ConvBnReLU*`` QAT module gets its BatchNorm folded **in place** with the
@@ -49,11 +53,15 @@ from torch.nn.modules.utils import _ntuple
 
 from ...fold import fuse_conv_bn_weights
 from ...kernels import quantized_conv1d, quantized_conv2d, quantized_conv3d
+from ...kernels.conv import check_conv_arguments, check_output_size, conv2d_acc_int8, pack_conv_weight
+from ...kernels.linear import int_mm_usable
+from ...kernels.requantize import layer_requantization
 from ...nn.intrinsic import fused
 from ...nn.intrinsic.qat.conv_bn import _ConvBnNd
 from ...qtensor import QTensor
 from .common import (IntWeightAccessors, clamp_to_output_range, load_output_range, observe_weight, output_qparams,
                      quantize_weight, require_qtensor, require_statistics, save_output_range)
+from .prepared import LayerCache, PreparedLayer
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvReLU1d", "ConvReLU2d", "ConvReLU3d"]
 
@@ -70,8 +78,19 @@ def _channels_last(y: torch.Tensor, dims: int) -> torch.Tensor:
     """
     if dims == 1:
         return _channels_last(y.unsqueeze(2), 2).squeeze(2)
-    out = torch.empty_like(y, memory_format=_CHANNELS_LAST[dims])
-    return y if out.stride() == y.stride() else out.copy_(y)
+    if y.stride() == _channels_last_strides(y.shape):
+        return y
+    return torch.empty_like(y, memory_format=_CHANNELS_LAST[dims]).copy_(y)
+
+
+def _channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides ``empty_like(memory_format=channels_last[_3d])`` gives ``(N, C, *spatial)``: C fastest."""
+    strides, step = [0] * len(shape), shape[1]
+    strides[1] = 1
+    for i in reversed([0, *range(2, len(shape))]):
+        strides[i] = step
+        step *= shape[i]
+    return tuple(strides)
 
 
 def _geometry(value, dims: int, name: str) -> tuple[int, ...]:
@@ -119,6 +138,15 @@ class _ConvNd(IntWeightAccessors, nn.Module):
         self.scale: float = 1.0  # output qparams (Python numbers, like torch.ao)
         self.zero_point: int = 0
         self.output_range: tuple[int, int] | None = None  # convert(consistent=True): the fake quant's range
+        self._prepared = LayerCache()  # PreparedLayer of the int8 GEMM path (2-d, groups=1, CPU), see forward
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_prepared", LayerCache())  # pickled before the cache existed
+
+    def _apply(self, fn, recurse=True):
+        self._prepared = LayerCache()  # .to(), .half(): drop the kept constants with the buffers they came from
+        return super()._apply(fn, recurse)
 
     # --- parameters -------------------------------------------------------------------------------
 
@@ -156,6 +184,9 @@ class _ConvNd(IntWeightAccessors, nn.Module):
     # --- forward --------------------------------------------------------------------------------
 
     def forward(self, x: QTensor) -> QTensor:
+        """The conv kernel on ``x``; 2-d ``groups=1`` convs on CPU through the int8 GEMM with the weight
+        packed once (checked and computed again whenever a weight buffer, qparam or mode changes, as
+        ``Linear.forward``); the same integers as the kernel function."""
         x = require_qtensor(x, self._get_name())
         if x.dim() != self._DIMS + 2:
             raise ValueError(f"{self._get_name()} expects an input of shape {_LAYOUTS[self._DIMS]}, "
@@ -164,14 +195,36 @@ class _ConvNd(IntWeightAccessors, nn.Module):
         if self.padding_mode == "reflect":  # pad the integers themselves, then convolve unpadded (as torch.ao)
             pad = [p for p in reversed(self.padding) for _ in range(2)]
             x_int = F.pad(x_int.float(), pad, mode="reflect").to(x_int.dtype)  # exact: small integers
-            padding = 0
-        y_int = self._KERNEL(
+            padding = (0,) * self._DIMS
+        if self._DIMS == 2 and self.groups == 1 and int_mm_usable(x_int, self.weight_int):
+            return self._forward_int8_gemm(x, x_int, padding)
+        y_int = self._KERNEL(  # any device, groups, dims: the kernel function (float64 where no int8 GEMM applies)
             x_int, x.scale, x.zero_point, self.weight_int, self.weight_scale, self.weight_zero_point,
             self.bias_float, y_scale=self.scale, y_zero_point=self.zero_point, stride=self.stride,
             padding=padding, dilation=self.dilation, groups=self.groups, relu=self._RELU, dtype=x_int.dtype,
             requantization=self.requantization)
         y_int = clamp_to_output_range(y_int, self.output_range)
         return QTensor(_channels_last(y_int, self._DIMS), self.scale, self.zero_point)
+
+    def _forward_int8_gemm(self, x: QTensor, x_int: torch.Tensor, padding: tuple[int, ...]) -> QTensor:
+        sources = (*self._buffers.values(), x.scale, x.zero_point, x_int.dtype, x_int.device, x_int.size(1),
+                   self.scale, self.zero_point, self.requantization, self.stride, padding, self.dilation)  # + geometry
+        layer = self._prepared.get(sources, lambda: self._prepare(x, x_int, padding))
+        check_output_size(x_int, self.weight_int, self.stride, padding, self.dilation)  # shapes: every call
+        acc = conv2d_acc_int8(x_int, layer.d, layer.packed, layer.offset, self.kernel_size, self.stride, padding,
+                              self.dilation)  # (N, C_out, Ho, Wo), channels-last strides
+        y_int = layer.requantize(acc.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # requantized channels last
+        return QTensor._make(_channels_last(clamp_to_output_range(y_int, self.output_range), 2), *layer.output_qparams)
+
+    def _prepare(self, x: QTensor, x_int: torch.Tensor, padding: tuple[int, ...]) -> PreparedLayer:
+        """Check the arguments as ``quantized_conv2d`` does, then pack the weight and bind the requantization."""
+        _, z_w, *_ = check_conv_arguments(x_int, x.zero_point, self.weight_int, self.weight_zero_point, self.stride,
+                                          padding, self.dilation, self.groups, 2)
+        requantize = layer_requantization(self.requantization, x.scale, self.weight_scale, self.scale,
+                                          self.zero_point, self.bias_float, self.out_channels, x_int.device,
+                                          relu=self._RELU, dtype=x_int.dtype)
+        return PreparedLayer.build(pack_conv_weight(self.weight_int, z_w, transpose=True), x_int, x.zero_point,
+                                   requantize, self.scale, self.zero_point)
 
     def _get_name(self) -> str:
         return "Quantized" + type(self).__name__

@@ -6,6 +6,14 @@ and its output qparams; its forward maps a ``QTensor`` ``(..., in_features)`` to
 ``(..., out_features)`` through ``minqat.kernels.quantized_linear`` (numerics.md §7.1), with the recipe its
 ``requantization`` attribute names (``"fbgemm"``, torch's, by default; ``"fixed_point"``; ``"onnxruntime"``).
 
+**Kept constants.** What depends only on the layer -- the packed weight, the input offset's term, the
+requantization constants, the checked output qparams (a ``PreparedLayer``, ``prepared.py``) -- is computed on
+the first CPU call and kept, as fbgemm keeps its packed weight; a ``LayerCache`` computes it again
+whenever a weight buffer, a qparam (the input's too) or ``requantization`` changes, whether by
+assignment, ``set_weight_bias``, ``load_state_dict``, ``.to()`` or an in-place write. The integers are
+always ``quantized_linear``'s, which checks and packs on every call (and serves other devices and
+empty inputs). ``Conv2d`` (``conv.py``) keeps the same.
+
 ``from_float`` is torch.ao's (numerics.md §6): a ``LinearBn1d`` QAT module gets its BatchNorm folded
 in place (``minqat.fold.fuse_linear_bn_weights``); the weight fake quant is called once on the
 weight **unless** ``use_precomputed_fake_quant=True`` (for linear layers torch.ao honours that flag);
@@ -31,9 +39,12 @@ from torch import nn
 from ...dtypes import plain_dtype
 from ...fold import fuse_linear_bn_weights
 from ...kernels import quantized_linear
+from ...kernels.linear import check_linear_operands, gemm_acc_int8, int8_codes, int_mm_usable, pack_weight, weight_zero_point
+from ...kernels.requantize import layer_requantization
 from ...nn.intrinsic import fused
 from ...nn.intrinsic.qat.linear_bn import LinearBn1d
 from ...qtensor import QTensor
+from .prepared import LayerCache, PreparedLayer
 from .common import (IntWeightAccessors, clamp_to_output_range, load_output_range, observe_weight, output_qparams,
                      quantize_weight, require_qtensor, require_statistics, save_output_range)
 
@@ -68,6 +79,7 @@ class Linear(IntWeightAccessors, nn.Module):
         self.scale: float = 1.0  # output qparams (Python numbers, like torch.ao)
         self.zero_point: int = 0
         self.output_range: tuple[int, int] | None = None  # convert(consistent=True): the fake quant's range
+        self._prepared = LayerCache()  # PreparedLayer of the int8 GEMM path, see forward
 
     def set_weight_bias(self, w_int: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
                         bias: torch.Tensor | None) -> None:
@@ -86,6 +98,14 @@ class Linear(IntWeightAccessors, nn.Module):
         self.weight_zero_point = w_zero_point.detach().long().clone()
         self.bias_float = None if bias is None else bias.detach().float().clone()
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_prepared", LayerCache())  # pickled before the cache existed
+
+    def _apply(self, fn, recurse=True):
+        self._prepared = LayerCache()  # .to(), .half(): drop the kept constants with the buffers they came from
+        return super()._apply(fn, recurse)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("weight_scale", "weight_zero_point", "bias_float"):  # shapes depend on the scheme / bias
             if prefix + name in state_dict:
@@ -102,16 +122,42 @@ class Linear(IntWeightAccessors, nn.Module):
         save_output_range(self, destination, prefix)
 
     def forward(self, x: QTensor) -> QTensor:
+        """``quantized_linear`` on ``x``; on CPU through the int8 GEMM with the weight packed once.
+
+        The packed weight, ``d`` and the requantization constants depend only on the weight buffers, the
+        qparams and ``requantization``: they are computed (and checked) on the first call and again
+        whenever one of those changes (``prepared.LayerCache``), then reused -- the same integers as the
+        kernel function, which packs and checks on every call.
+        """
         x = require_qtensor(x, self._get_name())
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self._get_name()} expects an input of shape (..., {self.in_features}), "
                              f"got {tuple(x.shape)}")
         x_int = x.int_repr()
-        y_int = quantized_linear(x_int, x.scale, x.zero_point, self.weight_int, self.weight_scale,
-                                 self.weight_zero_point, self.bias_float, y_scale=self.scale,
-                                 y_zero_point=self.zero_point, relu=self._RELU, dtype=x_int.dtype,
-                                 requantization=self.requantization)
-        return QTensor(clamp_to_output_range(y_int, self.output_range), self.scale, self.zero_point)
+        if not int_mm_usable(x_int, self.weight_int):  # any device: the kernel function (float64 off CPU)
+            y_int = quantized_linear(x_int, x.scale, x.zero_point, self.weight_int, self.weight_scale,
+                                     self.weight_zero_point, self.bias_float, y_scale=self.scale,
+                                     y_zero_point=self.zero_point, relu=self._RELU, dtype=x_int.dtype,
+                                     requantization=self.requantization)
+            return QTensor(clamp_to_output_range(y_int, self.output_range), self.scale, self.zero_point)
+        sources = (*self._buffers.values(), x.scale, x.zero_point, x_int.dtype, x_int.device, self.scale,
+                   self.zero_point, self.requantization)  # the weight buffers, every qparam, the mode
+        layer = self._prepared.get(sources, lambda: self._prepare(x, x_int))
+        acc = gemm_acc_int8(int8_codes(x_int.reshape(-1, self.in_features)), layer.packed, layer.offset)  # (M, C)
+        y_int = layer.requantize(acc)
+        if x_int.dim() != 2:
+            y_int = y_int.reshape(*x_int.shape[:-1], self.out_features)
+        return QTensor._make(clamp_to_output_range(y_int, self.output_range), *layer.output_qparams)
+
+    def _prepare(self, x: QTensor, x_int: torch.Tensor) -> PreparedLayer:
+        """Check the operands as ``quantized_linear`` does, then pack the weight and bind the requantization."""
+        check_linear_operands(x_int, self.weight_int)
+        z_w = weight_zero_point(self.weight_zero_point, self.out_features, x_int.device)
+        requantize = layer_requantization(self.requantization, x.scale, self.weight_scale, self.scale,
+                                          self.zero_point, self.bias_float, self.out_features, x_int.device,
+                                          relu=self._RELU, dtype=x_int.dtype)
+        return PreparedLayer.build(pack_weight(self.weight_int, z_w, transpose=True), x_int, x.zero_point, requantize,
+                                   self.scale, self.zero_point)
 
     def _get_name(self) -> str:
         return "Quantized" + type(self).__name__
