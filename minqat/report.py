@@ -1,7 +1,8 @@
 r"""Layer-by-layer comparison of a prepared (fake-quant) model and its int8 model, in LSB.
 
 ``compare_layers(prepared, int8_model, x)`` runs both models on the batch ``x`` and, for every layer
-that produces a quantized output (``Quantize``, the int8 convs and linears, ``QFunctional`` ops), compares
+whose output training fake-quantized (``Quantize``, the int8 convs and linears, ``QFunctional``'s
+add / add_relu / mul / cat / matmul; not add_scalar / mul_scalar, which are not observed), compares
 the fake-quant layer's output ``y_fq`` (a float tensor on its fake quant's grid) with the int8 layer's
 ``QTensor`` ``q`` in units of the int8 output scale:
 
@@ -15,7 +16,8 @@ With ``isolated=True`` (the default) the int8 model runs as deployed, and each f
 int8 layer's own input, dequantized (exactly representable), so a row measures that layer alone -- not the
 error accumulated upstream, nor the rounding of float-only steps such as average pooling, which the
 fake-quant model does not round. ``isolated=False`` runs the two models end to end side by side and shows
-how differences accumulate.
+how differences accumulate. ``prepared`` must be a QAT model (fake quants) in eval mode: a model prepared
+for post-training quantization has observers only, whose outputs are float, on no grid.
 ``LayerReport.first_over(threshold)`` names the first layer whose max difference exceeds ``threshold``.
 
 What to expect -- measured on the small ResNet of ``tests/test_consistent.py`` (seed 5, five SGD steps
