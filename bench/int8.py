@@ -3,7 +3,9 @@
 Three kinds of case, each timed in one loop (one thread, round-robin, medians; see ``_timing.py``):
 
 * **conv**: every distinct convolution of ResNet-18 on a 224x224 image (the 7x7 stem, the 3x3 convs
-  of each stage, the stride-2 3x3 and 1x1 downsample convs entering a stage), batch 1 and 8;
+  of each stage, the stride-2 3x3 and 1x1 downsample convs entering a stage), and the 3x3 depthwise
+  convs of MobileNetV2 (torchvision's quantizable one: ``groups == channels``, one per feature size,
+  stride 2 where it halves the size), batch 1 and 8;
 * **linear**: ResNet-18's ``fc`` (512 -> 1000) and a 2048 -> 2048 layer, batch 1 and 8;
 * **model**: a whole converted ResNet -- ResNet-18 itself (7x7 stem + max pool, stages of two basic
   blocks at 64..512 channels, residual ``FloatFunctional.add_relu``, average pool, fc 512 -> 1000)
@@ -76,6 +78,7 @@ class Conv:
     kernel: int
     stride: int
     size: int  # input height = width
+    groups: int = 1  # depthwise: groups == c_in == c_out
 
     @property
     def padding(self) -> int:
@@ -95,7 +98,10 @@ RESNET18_CONVS = (  # the distinct conv shapes of torchvision's resnet18 on a 22
     Conv("layer4 3x3", 512, 512, 3, 1, 7),
     Conv("layer4.0.downsample 1x1 s2", 256, 512, 1, 2, 14),
 )
-QUICK_CONVS = (RESNET18_CONVS[1], RESNET18_CONVS[6], RESNET18_CONVS[10])
+MOBILENET_V2_DEPTHWISE = tuple(  # 3x3 depthwise convs of MobileNetV2 on a 224x224 image: (channels, size, stride)
+    Conv(f"mobilenet_v2 dw 3x3{' s2' if s == 2 else ''}", c, c, 3, s, size, groups=c)
+    for c, size, s in ((32, 112, 1), (96, 112, 2), (144, 56, 1), (192, 28, 1), (384, 14, 1), (960, 7, 1)))
+QUICK_CONVS = (RESNET18_CONVS[1], RESNET18_CONVS[6], RESNET18_CONVS[10], MOBILENET_V2_DEPTHWISE[3])
 LINEARS = (("fc", 512, 1000), ("square", 2048, 2048))  # (name, in_features, out_features)
 
 
@@ -174,18 +180,18 @@ def conv_case(c: Conv, batch: int, budget_s: float) -> dict:
     import torch.ao.nn.quantized as tnnq
 
     torch.manual_seed(0)
-    float_conv = nn.Conv2d(c.c_in, c.c_out, c.kernel, c.stride, c.padding).eval()
+    float_conv = nn.Conv2d(c.c_in, c.c_out, c.kernel, c.stride, c.padding, groups=c.groups).eval()
     zero_point = IMAGE_ZERO_POINT if c.c_in == 3 else 0
     x, s_x, z_x = quantized_input((batch, c.c_in, c.size, c.size), zero_point, seed=1)
     w_q, bias = per_channel_weight(float_conv.weight.detach()), float_conv.bias.detach()
-    s_y, z_y = output_qparams(F.conv2d(x, w_q.dequantize(), bias, c.stride, c.padding))
+    s_y, z_y = output_qparams(F.conv2d(x, w_q.dequantize(), bias, c.stride, c.padding, groups=c.groups))
 
-    theirs = tnnq.Conv2d(c.c_in, c.c_out, c.kernel, c.stride, c.padding)
+    theirs = tnnq.Conv2d(c.c_in, c.c_out, c.kernel, c.stride, c.padding, groups=c.groups)
     theirs.set_weight_bias(w_q, bias)
     theirs.scale, theirs.zero_point = s_y, z_y
     x_q = torch.quantize_per_tensor(x, s_x, z_x, torch.quint8).contiguous(memory_format=torch.channels_last)
 
-    ours = mnnq.Conv2d(c.c_in, c.c_out, c.kernel, c.stride, c.padding)
+    ours = mnnq.Conv2d(c.c_in, c.c_out, c.kernel, c.stride, c.padding, groups=c.groups)
     ours.set_weight_bias(w_q.int_repr(), w_q.q_per_channel_scales().float(), w_q.q_per_channel_zero_points(), bias)
     ours.scale, ours.zero_point = s_y, z_y
     x_ours = QTensor(x_q.int_repr(), s_x, z_x)  # the same channels-last codes
@@ -193,7 +199,7 @@ def conv_case(c: Conv, batch: int, budget_s: float) -> dict:
     def kernel():
         return quantized_conv2d(x_ours.int_repr(), s_x, z_x, ours.weight_int, ours.weight_scale,
                                 ours.weight_zero_point, bias, y_scale=s_y, y_zero_point=z_y, stride=c.stride,
-                                padding=c.padding)
+                                padding=c.padding, groups=c.groups)
 
     assert same_int8(ours(x_ours), theirs(x_q)), f"minqat's int8 conv differs from torch's: {c}, batch {batch}"
     ms = timed({"minqat": lambda: ours(x_ours), "kernel": kernel, "torch": lambda: theirs(x_q),
@@ -321,9 +327,9 @@ def model_case(name: str, batch: int, budget_s: float) -> dict:
 
 
 def run(quick: bool = False) -> list[dict]:
-    """Every case at batch 1 and 8; ``quick``: three conv shapes, fc and ResNet-14, batch 1 only."""
+    """Every case at batch 1 and 8; ``quick``: four conv shapes (one depthwise), fc and ResNet-14, batch 1 only."""
     batches, budget = ((1,), 0.2) if quick else ((1, 8), 1.5)
-    convs = QUICK_CONVS if quick else RESNET18_CONVS
+    convs = QUICK_CONVS if quick else RESNET18_CONVS + MOBILENET_V2_DEPTHWISE
     linears = LINEARS[:1] if quick else LINEARS
     models = list(MODELS)[1:] if quick else list(MODELS)
     with fbgemm():

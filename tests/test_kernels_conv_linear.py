@@ -230,7 +230,7 @@ def test_padding_is_filled_with_the_input_zero_point():
     x = torch.full((1, 1, 3, 4), 7, dtype=U8)
     acc = conv2d_int(x, 5, torch.ones(1, 1, 3, 3, dtype=I8), 0, padding=1)
     assert acc[0, 0].tolist() == [[8, 12, 12, 8], [12, 18, 18, 12], [8, 12, 12, 8]]
-    # the same on the float64 path (groups=2 routes there)
+    # the same on the depthwise path (groups=2 with one input channel per group routes there)
     acc = conv2d_int(torch.cat([x, x], 1), 5, torch.ones(2, 1, 3, 3, dtype=I8), 0, padding=1, groups=2)
     assert acc[0, 1].tolist() == [[8, 12, 12, 8], [12, 18, 18, 12], [8, 12, 12, 8]]
 
@@ -294,7 +294,8 @@ def test_linear_matches_torch(seed, mode, per_channel):
 
 @requires_ao
 def test_resnet_shaped_conv_matches_torch():
-    # a 3x3 conv at a ResNet-like shape on both accumulation paths (groups=1: int8 GEMM; groups=2: float64)
+    # a 3x3 conv at a ResNet-like shape on two accumulation paths
+    # (groups=1: the int8 GEMM; groups=2: the block-diagonal int8 GEMM)
     for groups, seed in ((1, 0), (2, 1)):
         rng = np.random.default_rng(seed)
         case = dict(layer_qparams(rng, 32, 9 * 16, "random", per_channel=True, asymmetric=False, with_bias=True),
@@ -673,3 +674,109 @@ def test_layer_requantization_equals_the_named_recipe(mode):
         layer_requantization(mode, 1.0, 1.0, 0.0, 0, None, 1, "cpu", relu=False, dtype=U8)
     with pytest.raises(ValueError, match="y_zero_point must lie in"):
         layer_requantization(mode, 1.0, 1.0, 1.0, 300, None, 1, "cpu", relu=False, dtype=U8)
+
+
+# ----------------------------------------------------------------------------------------------
+# depthwise and grouped convs on CPU: int32 taps and the block-diagonal int8 GEMM (exact, vs float64)
+# ----------------------------------------------------------------------------------------------
+from minqat.kernels.conv import (  # noqa: E402
+    block_diagonal,
+    block_diagonal_pays,
+    depthwise_acc_int32,
+    depthwise_weight,
+)
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.stride() == torch.empty_like(t, memory_format=torch.channels_last).stride()
+
+
+def test_depthwise_with_channel_multiplier_by_hand():
+    # 2 channels, multiplier 2 (outputs 0, 1 read channel 0; outputs 2, 3 channel 1), kernel 1x2, padding (0, 1).
+    # z_x = 5: x - z_x = [0, 2, 4] and [-5, 250, -2], zero-padded to [0, 0, 2, 4, 0] and [0, -5, 250, -2, 0].
+    # w - z_w: [1, -1] - 0, [3, 1] - 1 = [2, 0], [-128, 127] - 127 = [-255, 0], [127, -128] + 128 = [255, 0].
+    # acc[j] = p[j] (w - z_w)[0] + p[j + 1] (w - z_w)[1]:
+    #   [0 - 0, 0 - 2, 2 - 4, 4 - 0] = [0, -2, -2, 4];  2 p[j] = [0, 0, 4, 8];
+    #   -255 p[j] = [0, 1275, -63750, 510];  255 p[j] = [0, -1275, 63750, -510].
+    x = torch.tensor([[[[5, 7, 9]], [[0, 255, 3]]]], dtype=U8)  # (1, 2, 1, 3)
+    w = torch.tensor([[1, -1], [3, 1], [-128, 127], [127, -128]], dtype=I8).reshape(4, 1, 1, 2)
+    z_w = torch.tensor([0, 1, 127, -128])
+    expected = [[0, -2, -2, 4], [0, 0, 4, 8], [0, 1275, -63750, 510], [0, -1275, 63750, -510]]
+    acc = conv2d_int(x, 5, w, z_w, padding=(0, 1), groups=2)
+    assert acc[0, :, 0].tolist() == expected
+    assert _is_channels_last(acc)
+    acc1 = conv1d_int(x[:, :, 0], 5, w[:, :, 0], z_w, padding=1, groups=2)  # the same as a 1-d conv
+    assert acc1[0].tolist() == expected
+
+
+def test_grouped_conv_by_hand():
+    # groups=2, 2 input channels per group, 1x1 kernel, z_w = [0, 1]: out0 = (1-0) x0 + (1-0) x1,
+    # out1 = (2-1) x2 + (-1-1) x3. x = [1, 2, 3, 4], z_x = 0: out0 = 3, out1 = 3 - 8 = -5.
+    x = torch.tensor([1, 2, 3, 4], dtype=U8).reshape(1, 4, 1, 1)
+    w = torch.tensor([[1, 1], [2, -1]], dtype=I8).reshape(2, 2, 1, 1)
+    z_w = torch.tensor([0, 1])
+    assert block_diagonal(w, z_w, 2)[..., 0, 0].tolist() == [[1, 1, 0, 0], [1, 1, 2, -1]]  # off the blocks: z_w
+    assert conv2d_int(x, 0, w, z_w, groups=2).flatten().tolist() == [3, -5]
+
+
+def test_block_diagonal_pays_by_hand():
+    # up to 8 groups always; beyond, while the dense weight (C_out * C_in * kh * kw bytes) stays within 1 MiB
+    assert block_diagonal_pays(torch.zeros(1024, 128, 3, 3, dtype=I8), 8)  # dense: 9.4 MB, but 8 groups
+    assert block_diagonal_pays(torch.zeros(256, 8, 3, 3, dtype=I8), 32)  # ResNeXt 32x8d: 256 * 256 * 9 = 0.56 MiB
+    assert not block_diagonal_pays(torch.zeros(512, 16, 3, 3, dtype=I8), 32)  # 512 * 512 * 9 = 2.25 MiB
+
+
+@st.composite
+def grouped_conv_operands(draw):
+    """Grouped / depthwise conv operands: uint8 or int8 activations (contiguous or channels last), any zero
+    points (per-channel asymmetric weights), and at times only the extreme codes (|x - z_x| = |w - z_w| = 255)."""
+    dtype = draw(st.sampled_from([U8, I8]))
+    lo, hi = (0, 255) if dtype == U8 else (-128, 127)
+    groups = draw(st.integers(2, 5))
+    c_group = draw(st.sampled_from([1, 1, 2, 3]))  # 1: depthwise
+    c_out = groups * draw(st.integers(1, 2))  # channel multiplier 1 or 2
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    pairs = (draw(st.tuples(st.integers(a, b), st.integers(a, b))) for a, b in ((1, 3), (0, 2), (1, 2)))
+    stride, padding, dilation = pairs
+    h = draw(st.integers(max(dilation[0] * (kh - 1) + 1 - 2 * padding[0], 1), 7))
+    w_ = draw(st.integers(max(dilation[1] * (kw - 1) + 1 - 2 * padding[1], 1), 7))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x_shape, w_shape = (draw(st.integers(1, 2)), groups * c_group, h, w_), (c_out, c_group, kh, kw)
+    if draw(st.booleans()):  # extremes: products of +-255 * +-255
+        x = torch.tensor([lo, hi])[torch.randint(0, 2, x_shape, generator=gen)]
+        w = torch.tensor([-128, 127])[torch.randint(0, 2, w_shape, generator=gen)]
+        z_x = torch.tensor(draw(st.sampled_from([lo, hi])))
+        z_w = torch.tensor([-128, 127])[torch.randint(0, 2, (c_out,), generator=gen)]
+    else:
+        x = torch.randint(lo, hi + 1, x_shape, generator=gen)
+        w = torch.randint(-128, 128, w_shape, generator=gen)
+        z_x, z_w = torch.tensor(draw(st.integers(lo, hi))), torch.randint(-128, 128, (c_out,), generator=gen)
+    x = x.to(dtype).contiguous(memory_format=draw(st.sampled_from([torch.contiguous_format, torch.channels_last])))
+    z_w = z_w if draw(st.booleans()) else z_w[0]  # per channel or per tensor
+    return x, z_x, w.to(I8), z_w, stride, padding, dilation, groups
+
+
+@given(ops=grouped_conv_operands())
+def test_grouped_and_depthwise_paths_equal_float64(ops):
+    x, z_x, w, z_w, stride, padding, dilation, groups = ops
+    exact = _conv_acc_float64(x, z_x, w, z_w, stride, padding, dilation, groups)
+    assert_bit_exact(conv2d_int(x, z_x, w, z_w, stride, padding, dilation, groups), exact, "conv2d_int")
+    dense = _conv2d_acc_int_mm(x, z_x, block_diagonal(w, z_w, groups), z_w, stride, padding, dilation)
+    assert_bit_exact(dense, exact, "block-diagonal int8 GEMM")
+    if w.size(1) == 1:
+        acc = depthwise_acc_int32(x, z_x, depthwise_weight(w, z_w, groups), stride, padding, dilation)
+        assert_bit_exact(acc, exact, "depthwise int32 taps")
+        assert _is_channels_last(acc)
+    x1, w1 = x[:, :, 0], w[:, :, 0]  # 1-d: a 2-d conv over a unit height
+    exact1 = _conv_acc_float64(x1, z_x, w1, z_w, stride[1:], padding[1:], dilation[1:], groups)
+    assert_bit_exact(conv1d_int(x1, z_x, w1, z_w, stride[1], padding[1], dilation[1], groups), exact1, "conv1d_int")
+
+
+def test_depthwise_in_chunks_of_images_equals_float64():
+    # 302 * 302 * 4 int32 padded values per image: two images per 4 MiB pass, so 3 images run as 2 + 1.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 4, 300, 300), generator=gen).to(U8).contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-128, 128, (8, 1, 3, 3), generator=gen).to(I8)  # channel multiplier 2
+    z_x, z_w = torch.tensor(77), torch.randint(-128, 128, (8,), generator=gen)
+    acc = conv2d_int(x, z_x, w, z_w, stride=2, padding=1, groups=4)
+    assert_bit_exact(acc, _conv_acc_float64(x, z_x, w, z_w, (2, 2), (1, 1), (1, 1), 4), "3 images in 2 passes")

@@ -617,7 +617,7 @@ def fresh_output(module: nn.Module, x: QTensor) -> QTensor:
 @given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["conv", "linear"]),
        mode=st.sampled_from(["fbgemm", "fbgemm", "fixed_point", "onnxruntime"]), signed=st.booleans())
 def test_int8_modules_equal_the_kernel_functions_on_every_call(seed, kind, mode, signed):
-    case = make_conv_case(seed, 2, "one") if kind == "conv" else make_linear_case(seed)
+    case = make_conv_case(seed, 2) if kind == "conv" else make_linear_case(seed)
     case = as_int8(case) if signed else case
     module, x = module_of(case, mode)
     kernel = (minqat_conv if kind == "conv" else minqat_linear)(case, requantization=mode, dtype=x.dtype)
@@ -633,7 +633,7 @@ def test_int8_modules_equal_the_kernel_functions_on_every_call(seed, kind, mode,
 @settings(max_examples=30)
 @given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["conv", "linear"]))
 def test_int8_modules_match_torch_on_every_call(seed, kind):
-    case = make_conv_case(seed, 2, "one") if kind == "conv" else make_linear_case(seed)
+    case = make_conv_case(seed, 2) if kind == "conv" else make_linear_case(seed)
     module, x = module_of(case)
     expected = (torch_conv if kind == "conv" else torch_linear)(case)
     for call in ("first", "second"):
@@ -662,10 +662,12 @@ def _changes(module: nn.Module, x: QTensor, gen: torch.Generator):
     ]
 
 
-@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "grouped", "linear"])
 def test_kept_constants_follow_every_change(kind):
     gen = torch.Generator().manual_seed(0)
-    case = make_conv_case(3, 2, "one", "random", True) if kind == "conv" else make_linear_case(5, "random", True)
+    groups_kind = {"conv": "one", "depthwise": "depthwise", "grouped": "grouped"}.get(kind)
+    case = make_conv_case(3 if kind == "conv" else 5, 2, groups_kind, "random", True) if groups_kind else make_linear_case(5, "random", True)
+    assert kind in ("conv", "linear") or case["groups"] > 1
     case = dict(case, bias=torch.randn(case["w"].size(0), generator=gen) * 1e-3, relu=False, y_zp=100)
     module, x = module_of(case)
     for name, change, must_change in _changes(module, x, gen):

@@ -14,9 +14,11 @@ The ``requantization`` attribute picks the recipe (``minqat.kernels.requantize.r
 ``QLinearConv``, with an int32 bias: ``minqat.kernels.onnxruntime``); ``minqat.onnx.set_requantization``
 sets it on a whole model.
 
-A 2-d ``groups=1`` conv on CPU keeps its packed weight and requantization constants between calls,
-recomputed whenever a buffer, a qparam or the mode changes (``prepared.LayerCache``,
-``linear.py``); other convs call the kernel function, which checks and packs on every call.
+A 2-d conv on CPU keeps its prepared weight (packed for the int8 GEMM, block diagonal for a grouped
+conv; a depthwise conv's centred int32 taps) and requantization constants between calls, recomputed
+whenever a buffer, a qparam or the mode changes (``prepared.LayerCache``, ``linear.py``); other convs
+(1-d, 3-d, CUDA, grouped ones the GEMM does not pay for) call the kernel function, which checks and
+prepares on every call.
 
 ``from_float(qat_module)`` is torch.ao's convert step for one layer (numerics.md §6):
 
@@ -53,7 +55,8 @@ from torch.nn.modules.utils import _ntuple
 
 from ...fold import fuse_conv_bn_weights
 from ...kernels import quantized_conv1d, quantized_conv2d, quantized_conv3d
-from ...kernels.conv import check_conv_arguments, check_output_size, conv2d_acc_int8, pack_conv_weight
+from ...kernels.conv import (block_diagonal, block_diagonal_pays, check_conv_arguments, check_output_size,
+                              conv2d_acc_int8, depthwise_acc_int32, depthwise_weight, pack_conv_weight)
 from ...kernels.linear import int_mm_usable
 from ...kernels.requantize import layer_requantization
 from ...nn.intrinsic import fused
@@ -138,7 +141,7 @@ class _ConvNd(IntWeightAccessors, nn.Module):
         self.scale: float = 1.0  # output qparams (Python numbers, like torch.ao)
         self.zero_point: int = 0
         self.output_range: tuple[int, int] | None = None  # convert(consistent=True): the fake quant's range
-        self._prepared = LayerCache()  # PreparedLayer of the int8 GEMM path (2-d, groups=1, CPU), see forward
+        self._prepared = LayerCache()  # PreparedLayer of the int8 GEMM / depthwise path (2-d, CPU), see forward
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -184,9 +187,9 @@ class _ConvNd(IntWeightAccessors, nn.Module):
     # --- forward --------------------------------------------------------------------------------
 
     def forward(self, x: QTensor) -> QTensor:
-        """The conv kernel on ``x``; 2-d ``groups=1`` convs on CPU through the int8 GEMM with the weight
-        packed once (checked and computed again whenever a weight buffer, qparam or mode changes, as
-        ``Linear.forward``); the same integers as the kernel function."""
+        """The conv kernel on ``x``; 2-d convs on CPU through the kernels' integer paths (the int8 GEMM, the
+        depthwise int32 taps) with the weight prepared once (checked and computed again whenever a weight
+        buffer, qparam or mode changes, as ``Linear.forward``); the same integers as the kernel function."""
         x = require_qtensor(x, self._get_name())
         if x.dim() != self._DIMS + 2:
             raise ValueError(f"{self._get_name()} expects an input of shape {_LAYOUTS[self._DIMS]}, "
@@ -196,8 +199,12 @@ class _ConvNd(IntWeightAccessors, nn.Module):
             pad = [p for p in reversed(self.padding) for _ in range(2)]
             x_int = F.pad(x_int.float(), pad, mode="reflect").to(x_int.dtype)  # exact: small integers
             padding = (0,) * self._DIMS
-        if self._DIMS == 2 and self.groups == 1 and int_mm_usable(x_int, self.weight_int):
-            return self._forward_int8_gemm(x, x_int, padding)
+        depthwise = self.groups > 1 and self.weight_int.size(1) == 1  # C_in / groups == 1
+        if self._DIMS == 2 and depthwise and x_int.device.type == "cpu" and x_int.numel() > 0:
+            return self._forward_cached(x, x_int, padding, self._depthwise)
+        if (self._DIMS == 2 and not depthwise and int_mm_usable(x_int, self.weight_int)
+                and block_diagonal_pays(self.weight_int, self.groups)):
+            return self._forward_cached(x, x_int, padding, self._int8_gemm)
         y_int = self._KERNEL(  # any device, groups, dims: the kernel function (float64 where no int8 GEMM applies)
             x_int, x.scale, x.zero_point, self.weight_int, self.weight_scale, self.weight_zero_point,
             self.bias_float, y_scale=self.scale, y_zero_point=self.zero_point, stride=self.stride,
@@ -206,25 +213,36 @@ class _ConvNd(IntWeightAccessors, nn.Module):
         y_int = clamp_to_output_range(y_int, self.output_range)
         return QTensor(_channels_last(y_int, self._DIMS), self.scale, self.zero_point)
 
-    def _forward_int8_gemm(self, x: QTensor, x_int: torch.Tensor, padding: tuple[int, ...]) -> QTensor:
+    def _forward_cached(self, x: QTensor, x_int: torch.Tensor, padding: tuple[int, ...], accumulate) -> QTensor:
         sources = (*self._buffers.values(), x.scale, x.zero_point, x_int.dtype, x_int.device, x_int.size(1),
                    self.scale, self.zero_point, self.requantization, self.stride, padding, self.dilation)  # + geometry
         layer = self._prepared.get(sources, lambda: self._prepare(x, x_int, padding))
         check_output_size(x_int, self.weight_int, self.stride, padding, self.dilation)  # shapes: every call
-        acc = conv2d_acc_int8(x_int, layer.d, layer.packed, layer.offset, self.kernel_size, self.stride, padding,
-                              self.dilation)  # (N, C_out, Ho, Wo), channels-last strides
+        acc = accumulate(x_int, layer, padding)  # (N, C_out, Ho, Wo), channels-last strides
         y_int = layer.requantize(acc.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # requantized channels last
         return QTensor._make(_channels_last(clamp_to_output_range(y_int, self.output_range), 2), *layer.output_qparams)
 
+    def _int8_gemm(self, x_int: torch.Tensor, layer: PreparedLayer, padding: tuple[int, ...]) -> torch.Tensor:
+        return conv2d_acc_int8(x_int, layer.d, layer.packed, layer.offset, self.kernel_size, self.stride, padding,
+                               self.dilation)
+
+    def _depthwise(self, x_int: torch.Tensor, layer: PreparedLayer, padding: tuple[int, ...]) -> torch.Tensor:
+        return depthwise_acc_int32(x_int, layer.z_x, layer.packed, self.stride, padding, self.dilation)
+
     def _prepare(self, x: QTensor, x_int: torch.Tensor, padding: tuple[int, ...]) -> PreparedLayer:
-        """Check the arguments as ``quantized_conv2d`` does, then pack the weight and bind the requantization."""
+        """Check the arguments as ``quantized_conv2d`` does, then prepare the weight (depthwise: its centred int32
+        taps; else packed for the int8 GEMM, block diagonal for a grouped conv) and bind the requantization."""
         _, z_w, *_ = check_conv_arguments(x_int, x.zero_point, self.weight_int, self.weight_zero_point, self.stride,
                                           padding, self.dilation, self.groups, 2)
         requantize = layer_requantization(self.requantization, x.scale, self.weight_scale, self.scale,
                                           self.zero_point, self.bias_float, self.out_channels, x_int.device,
                                           relu=self._RELU, dtype=x_int.dtype)
-        return PreparedLayer.build(pack_conv_weight(self.weight_int, z_w, transpose=True), x_int, x.zero_point,
-                                   requantize, self.scale, self.zero_point)
+        if self.weight_int.size(1) == 1 and self.groups > 1:
+            weight = depthwise_weight(self.weight_int, z_w, self.groups)
+        else:
+            w = self.weight_int if self.groups == 1 else block_diagonal(self.weight_int, z_w, self.groups)
+            weight = pack_conv_weight(w, z_w, transpose=True)
+        return PreparedLayer.build(weight, x_int, x.zero_point, requantize, self.scale, self.zero_point)
 
     def _get_name(self) -> str:
         return "Quantized" + type(self).__name__

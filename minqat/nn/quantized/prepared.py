@@ -75,21 +75,26 @@ class LayerCache:
 
 @dataclass(frozen=True)
 class PreparedLayer:
-    """What an int8 conv / linear derives from its weight and qparams for the int8 GEMM path (CPU), once:
-    the packed weight, the input offset ``d`` (``x - z_x = x' + d``) and its term ``packed.offset(d)``, the
-    bound requantization, and the output qparams as ``QTensor`` normalises them."""
+    """What an int8 conv / linear derives from its weight and qparams for its integer path (CPU), once:
+    the packed weight of the int8 GEMM (or a depthwise conv's centred int32 taps,
+    ``minqat.kernels.conv.depthwise_weight``), the input zero point ``z_x`` and offset ``d``
+    (``x - z_x = x' + d``) and its term ``packed.offset(d)``, the bound requantization, and the output
+    qparams as ``QTensor`` normalises them."""
 
-    packed: PackedWeight
+    packed: PackedWeight | torch.Tensor  # the GEMM operand, or (kh, kw, C, m) int32 depthwise taps
+    z_x: int
     d: int
-    offset: torch.Tensor  # (C,) int32
+    offset: torch.Tensor | None  # (C,) int32; None for depthwise taps
     requantize: Callable[[torch.Tensor], torch.Tensor]  # int32 (..., C) -> (..., C) integers
     output_qparams: tuple  # (scale, zero_point)
 
     @classmethod
-    def build(cls, packed: PackedWeight, x_int: torch.Tensor, x_zero_point, requantize, y_scale, y_zero_point):
+    def build(cls, packed: PackedWeight | torch.Tensor, x_int: torch.Tensor, x_zero_point, requantize, y_scale,
+              y_zero_point):
         """Check ``x_zero_point`` and the output qparams against ``x_int``'s dtype, then bundle."""
         qmin, qmax = dtype_range(x_int.dtype)
         z_x = per_tensor_zero_point(x_zero_point, qmin, qmax, x_int.device, name="x_zero_point")
         d = int8_offset(x_int.dtype, z_x)
         output = QTensor(torch.zeros((), dtype=x_int.dtype), y_scale, y_zero_point)  # checked, normalised once
-        return cls(packed, int(d), packed.offset(d), requantize, (output.scale, output.zero_point))
+        offset = packed.offset(d) if isinstance(packed, PackedWeight) else None
+        return cls(packed, int(z_x), int(d), offset, requantize, (output.scale, output.zero_point))
