@@ -11,7 +11,6 @@ random and tie-heavy qparams; activations in [0, 127] (numerics.md §7.2);
 """
 from __future__ import annotations
 
-import contextlib
 from unittest import mock
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from minqat.kernels.conv import (
     quantized_conv3d,
 )
 from minqat.kernels.linear import linear_int, quantized_linear
-from tests.oracle import assert_bit_exact, requires_ao
+from tests.oracle import assert_bit_exact, quantized_engine, requires_ao
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "kernels.pt"
 U8, I8 = torch.uint8, torch.int8
@@ -41,17 +40,6 @@ QUANTIZED_CONV = {1: quantized_conv1d, 2: quantized_conv2d, 3: quantized_conv3d}
 # ----------------------------------------------------------------------------------------------
 # the oracle: torch's quantized ops under the fbgemm engine
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def fbgemm_engine():
-    """Pin ``torch.backends.quantized.engine = 'fbgemm'`` (x86 convs run on oneDNN, numerics §7.3)."""
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "fbgemm"
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
-
-
 def _torch_weight(case: dict):
     if isinstance(case["w_scale"], torch.Tensor):
         return torch._make_per_channel_quantized_tensor(case["w"], case["w_scale"], case["w_zp"], 0)
@@ -61,7 +49,7 @@ def _torch_weight(case: dict):
 def torch_conv(case: dict) -> torch.Tensor:
     """``torch.ops.quantized.conv{1,2,3}d(_relu)`` on a case dict; returns the uint8 int_repr."""
     dims, ops = case["dims"], torch.ops.quantized
-    with fbgemm_engine():
+    with quantized_engine("fbgemm"):
         prepack = getattr(ops, f"conv{dims}d_prepack")
         packed = prepack(_torch_weight(case), case["bias"], [case["stride"]] * dims, [case["padding"]] * dims,
                          [case["dilation"]] * dims, case["groups"])
@@ -73,7 +61,7 @@ def torch_conv(case: dict) -> torch.Tensor:
 def torch_linear(case: dict) -> torch.Tensor:
     """``torch.ops.quantized.linear(_relu)`` (which needs a 2-d or larger input; 1-d is unsqueezed)."""
     x = case["x"].unsqueeze(0) if case["x"].dim() == 1 else case["x"]
-    with fbgemm_engine():
+    with quantized_engine("fbgemm"):
         packed = torch.ops.quantized.linear_prepack(_torch_weight(case), case["bias"])
         qx = torch._make_per_tensor_quantized_tensor(x, case["x_scale"], case["x_zp"])
         op = torch.ops.quantized.linear_relu if case["relu"] else torch.ops.quantized.linear

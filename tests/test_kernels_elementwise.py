@@ -16,43 +16,15 @@ from hypothesis import given, strategies as st
 from minqat.kernels import elementwise as ew
 from minqat.functional.float32 import fma32
 from minqat.functional.quantize import dequantize
-from tests.oracle import HAS_AO, assert_bit_exact
+from minqat.dtypes import dtype_range
+from tests.oracle import VIEWS, assert_bit_exact, fbgemm_engine, requires_kernels, same_layout, tq  # noqa: F401
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "qops.pt"
-RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
-X86_SIMD = torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))
-HAS_KERNELS = HAS_AO and X86_SIMD and "fbgemm" in torch.backends.quantized.supported_engines
-requires_kernels = pytest.mark.skipif(
-    not HAS_KERNELS, reason="needs torch's quantized CPU ops with the fbgemm engine on an x86 CPU with AVX2/AVX-512 "
-    "(the golden-vector tests still prove parity)")
 TIE_RATIOS = [0.5, 1.5, 0.25, 2.0, 1.25, 3.0, 1.0]
-
-
-@pytest.fixture(autouse=True)
-def fbgemm_engine():
-    if not HAS_KERNELS:
-        yield
-        return
-    old = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "fbgemm"
-    yield
-    torch.backends.quantized.engine = old
 
 
 def u8(*values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.uint8)
-
-
-def tq(x_int: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """torch's quantized tensor holding these integers with the same strides (a view of a copied storage)."""
-    storage = torch.empty(0, dtype=x_int.dtype).set_(x_int.untyped_storage())  # the whole storage, 1-D
-    qstorage = torch._make_per_tensor_quantized_tensor(storage.clone(), scale, zero_point)
-    return qstorage.as_strided(x_int.shape, x_int.stride(), x_int.storage_offset())
-
-
-def same_layout(actual: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Equal strides along every dim longer than 1 (the strides of length-1 dims carry no layout)."""
-    return all(actual.stride(d) == expected.stride(d) for d in range(expected.dim()) if expected.shape[d] > 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,13 +116,6 @@ def test_cat_nhwc_vector_channels_and_copies():
 SHAPES = [((7,), "nchw"), ((130,), "nchw"), ((2, 16, 3, 5), "nchw"), ((2, 16, 3, 5), "cl"), ((1, 3, 7, 7), "cl"),
           ((3, 70, 9), "t"), ((2, 5, 1, 1), "nchw"), ((3, 5, 6, 7), "slice"), ((2, 6, 5, 4), "cl-slice"),
           ((2, 64), "nchw"), ((4, 32, 2, 2), "cl")]  # the last two: every element in the vector loop
-VIEWS = {  # applied to the integers before torch's quantized tensor copies their layout
-    "nchw": lambda t: t,
-    "cl": lambda t: t.contiguous(memory_format=torch.channels_last),
-    "t": lambda t: t.transpose(-1, -2),
-    "slice": lambda t: t[:, 1:],
-    "cl-slice": lambda t: t.contiguous(memory_format=torch.channels_last)[:, 1:],
-}
 
 
 def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -160,7 +125,7 @@ def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
 @st.composite
 def binary_cases(draw):
     dtype = draw(st.sampled_from([torch.uint8, torch.int8]))
-    lo, hi = RANGES[dtype]
+    lo, hi = dtype_range(dtype)
     shape, kind = draw(st.sampled_from(SHAPES))
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
@@ -227,7 +192,7 @@ def test_scalar_ops_match_torch(case, steps, tie, relu):
 @given(data=st.data(), relu=st.booleans())
 def test_cat_matches_torch(data, relu):
     dtype = data.draw(st.sampled_from([torch.uint8, torch.int8]))
-    lo, hi = RANGES[dtype]
+    lo, hi = dtype_range(dtype)
     kind = data.draw(st.sampled_from(["cl", "cl", "nchw", "slice", "cl-slice"]))
     dim = data.draw(st.sampled_from([1, 1, 1, 0, 2, -3]))
     channels = data.draw(st.lists(st.integers(1, 40), min_size=1, max_size=3))
@@ -259,7 +224,7 @@ def test_matmul_matches_torch(case):
 @given(case=binary_cases())
 def test_add_properties(case):
     a, s_a, z_a, b, s_b, z_b, s_y, z_y = case
-    lo, hi = RANGES[a.dtype]
+    lo, hi = dtype_range(a.dtype)
     y = ew.add(a, s_a, z_a, b, s_b, z_b, s_y, z_y)
     assert torch.equal(y, ew.add(b, s_b, z_b, a, s_a, z_a, s_y, z_y))  # commutative, loop by loop
     relu = ew.add_relu(a, s_a, z_a, b, s_b, z_b, s_y, z_y)
@@ -273,7 +238,7 @@ def test_add_properties(case):
 @given(case=binary_cases(), k=st.integers(-3, 3))
 def test_scalar_ops_move_only_qparams_when_they_can(case, k):
     x, s, z = case[:3]
-    lo, hi = RANGES[x.dtype]
+    lo, hi = dtype_range(x.dtype)
     y, y_scale, y_zero_point = ew.add_scalar(x, s, z, k * s)  # a whole number of steps
     if lo <= z - k <= hi:
         assert torch.equal(y, x) and (y_scale, y_zero_point) == (s, z - k)

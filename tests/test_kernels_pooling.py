@@ -14,44 +14,10 @@ import torch.nn.functional as F
 from hypothesis import assume, given, strategies as st
 
 from minqat.kernels import pooling
-from tests.oracle import HAS_AO, assert_bit_exact
+from minqat.dtypes import dtype_range
+from tests.oracle import VIEWS, assert_bit_exact, fbgemm_engine, requires_kernels, same_layout, tq  # noqa: F401
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "qops.pt"
-RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
-X86_SIMD = torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))
-HAS_KERNELS = HAS_AO and X86_SIMD and "fbgemm" in torch.backends.quantized.supported_engines
-requires_kernels = pytest.mark.skipif(
-    not HAS_KERNELS, reason="needs torch's quantized CPU ops with the fbgemm engine on an x86 CPU with AVX2/AVX-512 "
-    "(the golden-vector tests still prove parity)")
-VIEWS = {  # applied to the integers before torch's quantized tensor copies their layout
-    "nchw": lambda t: t,
-    "cl": lambda t: t.contiguous(memory_format=torch.channels_last),
-    "t": lambda t: t.transpose(-1, -2),
-    "slice": lambda t: t[:, 1:],
-    "cl-slice": lambda t: t.contiguous(memory_format=torch.channels_last)[:, 1:],
-}
-
-
-@pytest.fixture(autouse=True)
-def fbgemm_engine():
-    if not HAS_KERNELS:
-        yield
-        return
-    old = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "fbgemm"
-    yield
-    torch.backends.quantized.engine = old
-
-
-def tq(x_int: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """torch's quantized tensor holding these integers with the same strides (a view of a copied storage)."""
-    storage = torch.empty(0, dtype=x_int.dtype).set_(x_int.untyped_storage())  # the whole storage, 1-D
-    qstorage = torch._make_per_tensor_quantized_tensor(storage.clone(), scale, zero_point)
-    return qstorage.as_strided(x_int.shape, x_int.stride(), x_int.storage_offset())
-
-
-def same_layout(actual: torch.Tensor, expected: torch.Tensor) -> bool:
-    return all(actual.stride(d) == expected.stride(d) for d in range(expected.dim()) if expected.shape[d] > 1)
 
 
 def planes(values, channels: int, dtype=torch.uint8, channels_last: bool = False) -> torch.Tensor:
@@ -137,7 +103,7 @@ def images(draw, min_side: int = 1):
     so the float32 rounding of ``acc * m`` decides ties -- where torch's loops and layouts differ.
     """
     dtype = draw(st.sampled_from([torch.uint8, torch.int8]))
-    lo, hi = RANGES[dtype]
+    lo, hi = dtype_range(dtype)
     kind = draw(st.sampled_from(["nchw", "cl", "cl", "t", "slice", "cl-slice"]))
     n, c = draw(st.integers(1, 2)), draw(st.integers(1, 40))
     h, w = draw(st.integers(min_side, 9)), draw(st.integers(min_side, 9))
@@ -221,7 +187,7 @@ def test_activations_match_torch(image, low, width, tie):
 def test_channel_lanes_match_torch(dtype):
     # Every channel count 1..40 in channels-last: which channels torch's vector loops take (avg_pool2d: 16 with
     # AVX-512 / 8 with AVX2; adaptive: 8) shows on tie-heavy data (small values, far odd zero point).
-    lo, hi = RANGES[dtype]
+    lo, hi = dtype_range(dtype)
     z = lo + 41 if lo else hi - 40  # odd
     g = torch.Generator().manual_seed(0)
     for c in range(1, 41):

@@ -18,34 +18,11 @@ from torch import nn
 
 from minqat import qtensor as qt
 from minqat.qtensor import QTensor
-from tests.oracle import HAS_AO, assert_bit_exact
+from minqat.dtypes import dtype_range
+from tests.oracle import assert_bit_exact, fbgemm_engine, requires_kernels, tq  # noqa: F401 (fbgemm_engine: autouse)
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "qops.pt"
-RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
-X86_SIMD = torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))
-HAS_KERNELS = HAS_AO and X86_SIMD and "fbgemm" in torch.backends.quantized.supported_engines
-requires_kernels = pytest.mark.skipif(
-    not HAS_KERNELS, reason="needs torch's quantized CPU ops with the fbgemm engine on an x86 CPU with AVX2/AVX-512 "
-    "(the golden-vector tests still prove parity)")
 LEGACY = {torch.uint8: "quint8", torch.int8: "qint8", torch.int32: "qint32"}
-
-
-@pytest.fixture(autouse=True)
-def fbgemm_engine():
-    if not HAS_KERNELS:
-        yield
-        return
-    old = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "fbgemm"
-    yield
-    torch.backends.quantized.engine = old
-
-
-def tq(x_int: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """torch's quantized tensor holding these integers with the same strides (a view of a copied storage)."""
-    storage = torch.empty(0, dtype=x_int.dtype).set_(x_int.untyped_storage())  # the whole storage, 1-D
-    qstorage = torch._make_per_tensor_quantized_tensor(storage.clone(), scale, zero_point)
-    return qstorage.as_strided(x_int.shape, x_int.stride(), x_int.storage_offset())
 
 
 def assert_same(actual, expected, what: str) -> None:
@@ -156,7 +133,7 @@ TORCH_CALLS = {  # the same call on torch's quantized tensor and on a QTensor
 def activations(draw):
     """(N, C, H, W) integers as torch's quantized convs leave them (channels-last) or as a QuantStub does (NCHW)."""
     dtype = draw(st.sampled_from([torch.uint8, torch.int8]))
-    lo, hi = RANGES[dtype]
+    lo, hi = dtype_range(dtype)
     n, c, h, w = draw(st.integers(1, 2)), 2 * draw(st.integers(1, 12)), draw(st.integers(2, 7)), draw(st.integers(2, 7))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     x = torch.randint(lo, hi + 1, (n, c, h, w), generator=g).to(dtype)
@@ -182,7 +159,7 @@ def test_torch_functions_match_torchs_quantized_tensors(name, case):
 @given(case=activations(), data=st.data())
 def test_torch_cat_requantizes_to_the_first_inputs_qparams(case, data):
     x_int, s, z = case
-    lo, hi = RANGES[x_int.dtype]
+    lo, hi = dtype_range(x_int.dtype)
     other = x_int.flip(0).contiguous(memory_format=torch.channels_last if data.draw(st.booleans()) else
                                      torch.contiguous_format)
     s2, z2 = s * data.draw(st.sampled_from([0.5, 1.5, 1.0])), data.draw(st.integers(lo, hi))
@@ -200,7 +177,7 @@ def test_qfunctional_twins_match_torch_ao(case, data):
     import torch.ao.nn.quantized as nnq
 
     x_int, s, z = case
-    lo, hi = RANGES[x_int.dtype]
+    lo, hi = dtype_range(x_int.dtype)
     other = x_int.roll(1, 0).contiguous(memory_format=torch.channels_last if data.draw(st.booleans()) else
                                         torch.contiguous_format)
     s2, z2 = s * data.draw(st.sampled_from([0.5, 1.5, 1.0, 3.0])), data.draw(st.integers(lo, hi))
@@ -237,7 +214,7 @@ def test_quantize_and_dequantize_match_torch(data):
     dtype = data.draw(st.sampled_from([torch.uint8, torch.int8, torch.int32]))
     x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 1000))))
     x = [x, x.contiguous(memory_format=torch.channels_last), x.transpose(1, 3)][data.draw(st.integers(0, 2))]
-    lo, hi = max(RANGES.get(dtype, (-1000, 1000))[0], -1000), min(RANGES.get(dtype, (-1000, 1000))[1], 1000)
+    lo, hi = max(dtype_range(dtype)[0], -1000), min(dtype_range(dtype)[1], 1000)  # int32: a usable zero point
     s, z = data.draw(st.floats(1e-3, 1.0)), data.draw(st.integers(lo, hi))
     mine, theirs = QTensor.quantize(x, s, z, dtype), torch.quantize_per_tensor(x, s, z, getattr(torch, LEGACY[dtype]))
     assert_same(mine, theirs, "quantize_per_tensor")

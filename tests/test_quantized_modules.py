@@ -16,7 +16,6 @@ narrow-range weight fake quants, observers enabled (one more EMA step at convert
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -38,7 +37,7 @@ from minqat.nn.quantized import (
 )
 from minqat.nn.quantized.common import quantize_weight, require_statistics
 from minqat.qtensor import QTensor
-from tests.oracle import ao, assert_bit_exact, requires_ao
+from tests.oracle import ao, assert_bit_exact, quantized_engine, requires_ao  # noqa: F401 (quantized_engine: re-exported)
 
 U8, I8 = torch.uint8, torch.int8
 
@@ -46,17 +45,6 @@ U8, I8 = torch.uint8, torch.int8
 # ----------------------------------------------------------------------------------------------------------
 # oracle helpers (also used by tests/test_convert.py)
 # ----------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def quantized_engine(name: str = "fbgemm"):
-    """Pin ``torch.backends.quantized.engine`` (packing happens at convert time, numerics.md §6.8) and restore it."""
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
-
-
 def torch_weight_parts(mod) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(int_repr, scales float64, zero points int64)`` of a torch.ao int8 module's packed weight."""
     w = mod.weight()
