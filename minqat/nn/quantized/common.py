@@ -36,9 +36,11 @@ from ...fake_quantize import LearnableFakeQuantize
 from ...functional import quantize_per_channel, quantize_per_tensor
 from ...qparams import PER_CHANNEL_QSCHEMES, PER_TENSOR_QSCHEMES
 from ...qtensor import QTensor
+from .prepared import LayerCache
 
 __all__ = ["quantize_weight", "observe_weight", "require_statistics", "require_qtensor", "output_qparams",
-           "check_weight_dtype", "clamp_to_output_range", "save_output_range", "load_output_range"]
+           "check_weight_dtype", "clamp_to_output_range", "save_output_qparams", "load_output_qparams",
+           "save_output_range", "load_output_range", "Int8WeightLayer"]
 
 
 def _observer(post_process: nn.Module) -> nn.Module:
@@ -159,6 +161,20 @@ def clamp_to_output_range(y_int: torch.Tensor, output_range: tuple[int, int] | N
     return y_int if output_range is None else y_int.clamp(*output_range)
 
 
+def save_output_qparams(module: nn.Module, destination: dict, prefix: str) -> None:
+    """``scale`` (float64: an exact round trip of the Python float), ``zero_point`` and a set ``output_range``."""
+    destination[prefix + "scale"] = torch.tensor(module.scale, dtype=torch.float64)
+    destination[prefix + "zero_point"] = torch.tensor(module.zero_point)
+    save_output_range(module, destination, prefix)
+
+
+def load_output_qparams(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Pop what :func:`save_output_qparams` wrote and set the module's Python attributes from it."""
+    module.scale = float(state_dict.pop(prefix + "scale", module.scale))
+    module.zero_point = int(state_dict.pop(prefix + "zero_point", module.zero_point))
+    load_output_range(module, state_dict, prefix)
+
+
 def save_output_range(module: nn.Module, destination: dict, prefix: str) -> None:
     """Store a set ``output_range`` as an ``(2,)`` int64 entry of the state dict (absent when ``None``)."""
     if getattr(module, "output_range", None) is not None:
@@ -171,9 +187,45 @@ def load_output_range(module: nn.Module, state_dict: dict, prefix: str) -> None:
     module.output_range = None if value is None else tuple(int(v) for v in value.tolist())
 
 
-class IntWeightAccessors:
-    """torch's ``weight()`` / ``bias()`` accessors over the int8 modules' plain buffers
-    ``weight_int``, ``weight_scale``, ``weight_zero_point`` and ``bias_float``."""
+class Int8WeightLayer:
+    """What the int8 conv and linear share, over their plain buffers ``weight_int``, ``weight_scale``,
+    ``weight_zero_point``, ``bias_float`` and their output qparams ``scale``, ``zero_point``, ``output_range``:
+
+    * torch's ``weight()`` / ``bias()`` accessors;
+    * installing a weight (``_install_weight_bias``, after the subclass's ``set_weight_bias`` checked it);
+    * the state dict: the buffers whose shape depends on the scheme (``_SCHEME_BUFFERS``) take the loaded
+      shape, and the output qparams travel as ``scale`` / ``zero_point`` / ``output_range`` entries;
+    * the kept constants (``self._prepared``, a ``prepared.LayerCache``) start empty after ``.to()`` /
+      ``.half()`` and after unpickling a module saved before the cache existed.
+    """
+
+    _SCHEME_BUFFERS: tuple[str, ...] = ("weight_scale", "weight_zero_point")  # () per tensor, (C_out,) per channel
+
+    def _install_weight_bias(self, w_int: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
+                             bias: torch.Tensor | None) -> None:
+        self.weight_int = w_int.detach().clone()
+        self.weight_scale = w_scale.detach().float().clone()
+        self.weight_zero_point = w_zero_point.detach().long().clone()
+        self.bias_float = None if bias is None else bias.detach().float().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self._SCHEME_BUFFERS:
+            if prefix + name in state_dict:
+                self._buffers[name] = torch.empty_like(state_dict[prefix + name])
+        load_output_qparams(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_output_qparams(self, destination, prefix)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_prepared", LayerCache())  # pickled before the cache existed
+
+    def _apply(self, fn, recurse=True):
+        self._prepared = LayerCache()  # .to(), .half(): drop the kept constants with the buffers they came from
+        return super()._apply(fn, recurse)
 
     def weight(self) -> QTensor:
         """The int8 weight as a ``QTensor`` (per channel along axis 0, or per tensor), like torch's ``weight()``."""

@@ -62,8 +62,8 @@ from ...kernels.requantize import layer_requantization
 from ...nn.intrinsic import fused
 from ...nn.intrinsic.qat.conv_bn import _ConvBnNd
 from ...qtensor import QTensor
-from .common import (IntWeightAccessors, clamp_to_output_range, load_output_range, observe_weight, output_qparams,
-                     quantize_weight, require_qtensor, require_statistics, save_output_range)
+from .common import (Int8WeightLayer, clamp_to_output_range, observe_weight, output_qparams, quantize_weight,
+                     require_qtensor, require_statistics)
 from .prepared import LayerCache, PreparedLayer
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvReLU1d", "ConvReLU2d", "ConvReLU3d"]
@@ -102,7 +102,7 @@ def _geometry(value, dims: int, name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in _ntuple(dims)(value))
 
 
-class _ConvNd(IntWeightAccessors, nn.Module):
+class _ConvNd(Int8WeightLayer, nn.Module):
     """Shared by the 1-d/2-d/3-d convs and their fused-ReLU twins (class attributes pick the variant)."""
 
     _DIMS: ClassVar[int]
@@ -143,14 +143,6 @@ class _ConvNd(IntWeightAccessors, nn.Module):
         self.output_range: tuple[int, int] | None = None  # convert(consistent=True): the fake quant's range
         self._prepared = LayerCache()  # PreparedLayer of the int8 GEMM / depthwise path (2-d, CPU), see forward
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("_prepared", LayerCache())  # pickled before the cache existed
-
-    def _apply(self, fn, recurse=True):
-        self._prepared = LayerCache()  # .to(), .half(): drop the kept constants with the buffers they came from
-        return super()._apply(fn, recurse)
-
     # --- parameters -------------------------------------------------------------------------------
 
     def set_weight_bias(self, w_int: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
@@ -164,25 +156,8 @@ class _ConvNd(IntWeightAccessors, nn.Module):
                              f"got {tuple(w_scale.shape)} and {tuple(w_zero_point.shape)}")
         if (bias is None) != (self.bias_float is None):
             raise ValueError(f"bias must be {'None' if self.bias_float is None else 'a tensor'} for this module")
-        self.weight_int = w_int.detach().clone()
-        self.weight_scale = w_scale.detach().float().clone()
-        self.weight_zero_point = w_zero_point.detach().long().clone()
-        self.bias_float = None if bias is None else bias.detach().float().clone()
+        self._install_weight_bias(w_int, w_scale, w_zero_point, bias)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("weight_scale", "weight_zero_point"):  # per tensor () or per channel (C_out,)
-            if prefix + name in state_dict:
-                self._buffers[name] = torch.empty_like(state_dict[prefix + name])
-        self.scale = float(state_dict.pop(prefix + "scale", self.scale))
-        self.zero_point = int(state_dict.pop(prefix + "zero_point", self.zero_point))
-        load_output_range(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "scale"] = torch.tensor(self.scale, dtype=torch.float64)  # exact round trip
-        destination[prefix + "zero_point"] = torch.tensor(self.zero_point)
-        save_output_range(self, destination, prefix)
 
     # --- forward --------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ is called (torch.ao silently uses ``scale = 1, zero_point = 0`` there).
 
 Like ``FloatFunctional``, calling the module itself raises: call one of its ops.
 
+>>> import torch
 >>> from minqat.qtensor import QTensor
 >>> f = QFunctional()
 >>> f.scale, f.zero_point = 0.5, 0
@@ -31,14 +32,14 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from ...kernels import elementwise
 from ...kernels.onnxruntime import qlinear_add
 from ...qtensor import QTensor
 from ...stubs import FloatFunctional
-from .common import clamp_to_output_range, load_output_range, output_qparams, require_qtensor, require_statistics, save_output_range
+from .common import (clamp_to_output_range, load_output_qparams, output_qparams, require_qtensor, require_statistics,
+                     save_output_qparams)
 
 __all__ = ["QFunctional", "OBSERVED_OPS"]
 
@@ -61,14 +62,10 @@ class QFunctional(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "scale"] = torch.tensor(self.scale, dtype=torch.float64)  # exact round trip
-        destination[prefix + "zero_point"] = torch.tensor(self.zero_point)
-        save_output_range(self, destination, prefix)
+        save_output_qparams(self, destination, prefix)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self.scale = float(state_dict.pop(prefix + "scale", self.scale))
-        self.zero_point = int(state_dict.pop(prefix + "zero_point", self.zero_point))
-        load_output_range(self, state_dict, prefix)
+        load_output_qparams(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _get_name(self) -> str:

@@ -45,19 +45,20 @@ from ...nn.intrinsic import fused
 from ...nn.intrinsic.qat.linear_bn import LinearBn1d
 from ...qtensor import QTensor
 from .prepared import LayerCache, PreparedLayer
-from .common import (IntWeightAccessors, clamp_to_output_range, load_output_range, observe_weight, output_qparams,
-                     quantize_weight, require_qtensor, require_statistics, save_output_range)
+from .common import (Int8WeightLayer, clamp_to_output_range, observe_weight, output_qparams, quantize_weight,
+                     require_qtensor, require_statistics)
 
 __all__ = ["Linear", "LinearReLU"]
 
 
-class Linear(IntWeightAccessors, nn.Module):
+class Linear(Int8WeightLayer, nn.Module):
     """int8 ``Linear``: ``(..., in_features)`` QTensor in, ``(..., out_features)`` QTensor out."""
 
     _RELU: ClassVar[bool] = False
     _FLOAT_MODULES: ClassVar[tuple[type[nn.Module], ...]] = (
         nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
+    _SCHEME_BUFFERS = ("weight_scale", "weight_zero_point", "bias_float")  # a linear may gain or lose its bias
     requantization: str = "fbgemm"  # or "fixed_point", "onnxruntime": minqat.kernels.requantize.requantizer
     weight_int: torch.Tensor  # (out_features, in_features) int8
     weight_scale: torch.Tensor  # () or (out_features,) float32
@@ -93,33 +94,8 @@ class Linear(IntWeightAccessors, nn.Module):
         if w_scale.dim() not in (0, 1) or w_scale.shape != w_zero_point.shape:
             raise ValueError(f"w_scale and w_zero_point must both be 0-d or ({self.out_features},), "
                              f"got {tuple(w_scale.shape)} and {tuple(w_zero_point.shape)}")
-        self.weight_int = w_int.detach().clone()
-        self.weight_scale = w_scale.detach().float().clone()
-        self.weight_zero_point = w_zero_point.detach().long().clone()
-        self.bias_float = None if bias is None else bias.detach().float().clone()
+        self._install_weight_bias(w_int, w_scale, w_zero_point, bias)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("_prepared", LayerCache())  # pickled before the cache existed
-
-    def _apply(self, fn, recurse=True):
-        self._prepared = LayerCache()  # .to(), .half(): drop the kept constants with the buffers they came from
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("weight_scale", "weight_zero_point", "bias_float"):  # shapes depend on the scheme / bias
-            if prefix + name in state_dict:
-                self._buffers[name] = torch.empty_like(state_dict[prefix + name])
-        self.scale = float(state_dict.pop(prefix + "scale", self.scale))
-        self.zero_point = int(state_dict.pop(prefix + "zero_point", self.zero_point))
-        load_output_range(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "scale"] = torch.tensor(self.scale, dtype=torch.float64)  # exact round trip
-        destination[prefix + "zero_point"] = torch.tensor(self.zero_point)
-        save_output_range(self, destination, prefix)
 
     def forward(self, x: QTensor) -> QTensor:
         """``quantized_linear`` on ``x``; on CPU through the int8 GEMM with the weight packed once.
