@@ -7,8 +7,10 @@ rotates, so none always runs first on a cache left warm by the same neighbour) a
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -98,3 +100,31 @@ def machine_info(malloc_pinned: bool) -> dict:
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "malloc_pinned": malloc_pinned, "date": datetime.date.today().isoformat()}
+
+
+def machine_line(info: dict) -> str:
+    """The one line of machine facts printed above every table."""
+    return (f"{info['cpu']}, {info['cores']} cores ({info['cpu_capability']}), torch {info['torch']}, "
+            f"python {info['python']}, {info['threads']} thread, malloc pinned: {info['malloc_pinned']}, "
+            f"{info['date']}")
+
+
+def bench_main(argv: list[str] | None, description: str, run: Callable[..., list[dict]],
+               format_table: Callable[[list[dict]], str]) -> int:
+    """The command line every benchmark shares: ``--quick``, ``--json``, ``--raw-malloc``; one thread;
+    ``run(quick=...)`` gives the rows, printed as the machine line over ``format_table(rows)``, or as JSON."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (smoke run)")
+    parser.add_argument("--json", action="store_true", help="print machine facts and rows as JSON")
+    parser.add_argument("--raw-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (fresh buffers page-fault; see pin_malloc)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    pinned = False if args.raw_malloc else pin_malloc()
+    rows = run(quick=args.quick)
+    info = machine_info(pinned)
+    if args.json:
+        print(json.dumps({"machine": info, "rows": rows}, indent=1))
+    else:
+        print(machine_line(info) + "\n\n" + format_table(rows))
+    return 0

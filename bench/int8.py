@@ -40,10 +40,8 @@ or ``python -m bench.run`` (its rows in the shared table). ``--quick`` runs a su
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import json
 import sys
 import time
 import warnings
@@ -59,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minqat
-from bench._timing import interleaved_medians, machine_info, pin_malloc
+from bench._timing import bench_main, interleaved_medians
 from bench.qat_step import BasicBlock
 from minqat.kernels import quantized_conv2d, quantized_linear
 from minqat.nn import quantized as mnnq
@@ -343,12 +341,9 @@ def _verdict(r: dict) -> str:
     return ("missed: " + "; ".join(misses)) if misses else ("met" if r.get("targets") else "")
 
 
-def format_table(rows: list[dict], info: dict) -> str:
+def format_table(rows: list[dict]) -> str:
     """Ratios only: minqat over torch's fbgemm int8 and over float, torch's int8 over float."""
-    lines = [f"{info['cpu']}, {info['cores']} cores ({info['cpu_capability']}), torch {info['torch']}, "
-             f"python {info['python']}, {info['threads']} thread, malloc pinned: {info['malloc_pinned']}, "
-             f"{info['date']}", "",
-             "| case | minqat / torch int8 | minqat / float | torch int8 / float | module / bare kernel "
+    lines = ["| case | minqat / torch int8 | minqat / float | torch int8 / float | module / bare kernel "
              "| same bits | targets |",
              "|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
@@ -359,18 +354,7 @@ def format_table(rows: list[dict], info: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="int8 inference: minqat vs torch's fbgemm vs float")
-    parser.add_argument("--quick", action="store_true", help="a subset at batch 1, short timing (smoke run)")
-    parser.add_argument("--json", action="store_true", help="print machine facts and rows as JSON")
-    parser.add_argument("--raw-malloc", action="store_true", help="leave glibc's malloc as it is")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    pinned = False if args.raw_malloc else pin_malloc()
-    rows = run(quick=args.quick)
-    info = machine_info(pinned)
-    print(json.dumps({"machine": info, "rows": rows}, indent=1) if args.json else format_table(rows, info))
-    return 0
-
+    return bench_main(argv, "int8 inference: minqat vs torch's fbgemm vs float", run, format_table)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,9 +38,7 @@ per input element, same bits; ``--json`` has everything).
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minqat
-from bench._timing import interleaved_medians, machine_info, pin_malloc
+from bench._timing import bench_main, interleaved_medians
 
 TARGETS = {"ratio": 1.0, "peak_ratio": 1.0}  # minqat / torch.ao: time, peak memory
 STRETCH = 0.8
@@ -280,23 +278,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="one QAT training step: float vs torch.ao vs minqat")
-    parser.add_argument("--quick", action="store_true", help="batch 8, few repetitions (smoke run)")
-    parser.add_argument("--json", action="store_true", help="print machine facts and the row as JSON")
-    parser.add_argument("--raw-malloc", action="store_true", help="leave glibc's malloc as it is")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    pinned = False if args.raw_malloc else pin_malloc()
-    rows = run(quick=args.quick)
-    info = machine_info(pinned)
-    if args.json:
-        print(json.dumps({"machine": info, "rows": rows}, indent=1))
-    else:
-        print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} thread, "
-              f"malloc pinned: {pinned}, {info['date']}\n")
-        print(format_table(rows))
-    return 0
-
+    return bench_main(argv, "one QAT training step: float vs torch.ao vs minqat", run, format_table)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,18 +15,15 @@ The table shows ratios only (times drift on a shared machine, ratios measured in
 """
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as ``python bench/run.py``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 
-from bench._timing import machine_info, pin_malloc
+from bench._timing import bench_main
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -52,12 +49,9 @@ def _saved(row: dict) -> str:
     return f"{row['saved_B_per_el']:g} / {row['torch_saved_B_per_el']:g}"
 
 
-def format_table(rows: list[dict], info: dict) -> str:
-    """A Markdown table (pastes into ``bench/README.md`` as is) under one line of machine facts."""
-    lines = [f"{info['cpu']}, {info['cores']} cores ({info['cpu_capability']}), torch {info['torch']}, "
-             f"python {info['python']}, {info['threads']} thread, malloc pinned: {info['malloc_pinned']}, "
-             f"{info['date']}", "",
-             "| bench | case | elements | minqat / torch | minqat / copy_ | minqat / float | module / bare fn "
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table (pastes into ``bench/README.md`` as is)."""
+    lines = ["| bench | case | elements | minqat / torch | minqat / copy_ | minqat / float | module / bare fn "
              "| saved B/el minqat / torch | same bits | targets |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for row in rows:
@@ -72,19 +66,10 @@ def format_table(rows: list[dict], info: dict) -> str:
 
 
 def main(argv: list[str] | None = None, modules: list | None = None) -> int:
-    parser = argparse.ArgumentParser(description="minqat benchmarks: ratios against torch, measured in one loop")
-    parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (smoke run)")
-    parser.add_argument("--json", action="store_true", help="print machine facts and rows as JSON")
-    parser.add_argument("--raw-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (fresh buffers page-fault; see _timing.pin_malloc)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    pinned = False if args.raw_malloc else pin_malloc()
-    rows = [row for module in (modules or discover()) for row in module.run(quick=args.quick)]
-    info = machine_info(pinned)
-    print(json.dumps({"machine": info, "rows": rows}, indent=1) if args.json else format_table(rows, info))
-    return 0
+    def run(quick: bool) -> list[dict]:
+        return [row for module in (modules or discover()) for row in module.run(quick=quick)]
 
+    return bench_main(argv, "minqat benchmarks: ratios against torch, measured in one loop", run, format_table)
 
 if __name__ == "__main__":
     sys.exit(main())
