@@ -1,4 +1,4 @@
-"""Shared hypothesis strategies: quant ranges, scales, zero points, shapes and adversarial inputs."""
+"""Shared hypothesis strategies: quant ranges, scales, zero points, shapes, conv geometries and adversarial inputs."""
 from __future__ import annotations
 
 import numpy as np
@@ -67,3 +67,23 @@ def adversarial_values(scale: float, zero_point: int, quant_min: int, quant_max:
     out = np.concatenate([ties, up, down, edges, rand, special])
     rng.shuffle(out)
     return torch.from_numpy(out)
+
+
+@st.composite
+def conv_geometries(draw, cin: int, size: int, max_dense_cout: int = 6) -> dict:
+    """Any conv on a ``size x size`` input with at least one output: dense, grouped or depthwise.
+
+    Returns ``dict(cout, groups, kernel, stride, padding, dilation)``; padding is at least what one output needs.
+    """
+    kind = draw(st.sampled_from(["dense", "dense", "grouped", "depthwise"]))
+    if kind == "dense":
+        groups, cout = 1, draw(st.integers(1, max_dense_cout))
+    elif kind == "depthwise":
+        groups, cout = cin, cin * draw(st.integers(1, 2))
+    else:
+        groups = draw(st.sampled_from([d for d in range(1, cin + 1) if cin % d == 0]))
+        cout = groups * draw(st.integers(1, 2))
+    kernel, dilation, stride = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    min_padding = max(0, -(-(dilation * (kernel - 1) + 1 - size) // 2))  # ceil((reach - size) / 2)
+    padding = draw(st.integers(min_padding, max(min_padding + 1, 2)))
+    return dict(cout=cout, groups=groups, kernel=kernel, stride=stride, padding=padding, dilation=dilation)

@@ -41,6 +41,7 @@ import minqat
 from minqat.convert import CONVERT_MODULE_MAPPING, convert, get_convert_module_mapping
 from minqat.qtensor import QTensor
 from tests.oracle import ao, assert_bit_exact, requires_ao
+from tests.strategies import conv_geometries
 from tests.test_quantized_modules import (
     QCONFIG_NAMES,
     assert_same_int8_module,
@@ -150,17 +151,8 @@ class ChainNet(nn.Module):
 
 @st.composite
 def conv_units(draw, cin: int, size: int):
-    kind = draw(st.sampled_from(["dense", "dense", "grouped", "depthwise"]))
-    if kind == "dense":
-        groups, cout = 1, draw(st.integers(1, 6))
-    elif kind == "depthwise":
-        groups, cout = cin, cin * draw(st.integers(1, 2))
-    else:
-        groups = draw(st.sampled_from([d for d in range(1, cin + 1) if cin % d == 0]))
-        cout = groups * draw(st.integers(1, 2))
-    kernel, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2))
-    padding = draw(st.integers(max(0, (dilation * (kernel - 1) + 1 - size + 1) // 2), 2))
-    return Unit(cout, kernel, draw(st.integers(1, 2)), padding, dilation, groups, draw(st.booleans()),
+    g = draw(conv_geometries(cin, size))
+    return Unit(g["cout"], g["kernel"], g["stride"], g["padding"], g["dilation"], g["groups"], draw(st.booleans()),
                 draw(st.booleans()), draw(st.booleans()))
 
 

@@ -44,6 +44,7 @@ from torch import nn
 
 import minqat
 from tests.oracle import ao, assert_bit_exact, requires_ao
+from tests.strategies import conv_geometries
 
 QCONFIG_KEYS = [(backend, version) for backend in ("fbgemm", "x86", "qnnpack") for version in (0, 1)]
 
@@ -106,26 +107,12 @@ class Arch:
     classes: int
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 @st.composite
 def conv_specs(draw, cin: int, size: int):
     """Any conv on a ``size x size`` input: dense, grouped or depthwise; padding enough for >= 1 output."""
-    groups_kind = draw(st.sampled_from(["dense", "dense", "grouped", "depthwise"]))
-    if groups_kind == "dense":
-        groups, cout = 1, draw(st.integers(1, 4))
-    elif groups_kind == "depthwise":
-        groups, cout = cin, cin * draw(st.integers(1, 2))
-    else:
-        groups = draw(st.sampled_from(_divisors(cin)))
-        cout = groups * draw(st.integers(1, 2))
-    kernel, dilation, stride = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    reach = dilation * (kernel - 1) + 1
-    min_padding = max(0, math.ceil((reach - size) / 2))
-    padding = draw(st.integers(min_padding, min_padding + 1))
-    return ConvSpec(cin, cout, kernel, stride, padding, dilation, groups, draw(st.booleans()))
+    g = draw(conv_geometries(cin, size, max_dense_cout=4))
+    return ConvSpec(cin, g["cout"], g["kernel"], g["stride"], g["padding"], g["dilation"], g["groups"],
+                    draw(st.booleans()))
 
 
 @st.composite
