@@ -24,7 +24,7 @@ from minqat.kernels.requantize import (
     requantize_integer_only,
 )
 from tests.oracle import assert_bit_exact, requires_ao
-from tests.test_kernels_conv_linear import fbgemm_engine
+from tests.oracle import quantized_engine
 
 I32 = torch.int32
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -186,7 +186,7 @@ def _torch_linear_1x1(x_centred: list[int], w: int, s_x, s_w, s_y, z_y, bias, pe
                                                       torch.tensor([0]), 0)
     else:
         qw = torch._make_per_tensor_quantized_tensor(w_int, s_w, 0)
-    with fbgemm_engine():
+    with quantized_engine("fbgemm"):
         packed = torch.ops.quantized.linear_prepack(qw, bias)
         qx = torch._make_per_tensor_quantized_tensor(x, s_x, z_x)
         op = torch.ops.quantized.linear_relu if relu else torch.ops.quantized.linear
