@@ -59,6 +59,7 @@ from torch import nn
 import minqat
 from bench._timing import bench_main, interleaved_medians
 from bench.qat_step import BasicBlock
+from minqat.check.engine import quantized_engine
 from minqat.kernels import quantized_conv2d, quantized_linear
 from minqat.nn import quantized as mnnq
 from minqat.qtensor import QTensor
@@ -109,16 +110,11 @@ LINEARS = (("fc", 512, 1000), ("square", 2048, 2048))  # (name, in_features, out
 @contextlib.contextmanager
 def fbgemm():
     """torch's fbgemm engine, with torch.ao's deprecation warnings silenced (the oracle side only)."""
-    before = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "fbgemm"
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-            warnings.filterwarnings("ignore", message=".*reduce_range.*")
-            yield
-    finally:
-        torch.backends.quantized.engine = before
+    with quantized_engine("fbgemm"), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=".*reduce_range.*")
+        yield
 
 
 def quantized_input(shape: tuple[int, ...], zero_point: int, seed: int) -> tuple[torch.Tensor, float, int]:
@@ -355,6 +351,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     return bench_main(argv, "int8 inference: minqat vs torch's fbgemm vs float", run, format_table)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -280,5 +280,6 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     return bench_main(argv, "one QAT training step: float vs torch.ao vs minqat", run, format_table)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .engine import quantized_engine
 from .tally import Tally
 
 __all__ = ["CheckNet", "check_models"]
@@ -117,15 +118,11 @@ def _compare_int8(models: list[nn.Module], tq, gen: torch.Generator, tally: Tall
     """Convert both prepared models; compare every int8 module's output codes and qparams, and the float output."""
     import minqat
 
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "fbgemm"  # minqat's kernels reproduce fbgemm's arithmetic (§7.1)
-    try:
+    with quantized_engine("fbgemm"):  # minqat's kernels reproduce fbgemm's arithmetic (§7.1)
         ours, theirs = minqat.convert(copy.deepcopy(models[0]).eval()), tq.convert(copy.deepcopy(models[1]).eval())
         scale, zero_point = float(ours.quant.scale), int(ours.quant.zero_point)
         x = ((torch.randint(0, 128, (32, 3, 8, 8), generator=gen) - zero_point) * scale).float()  # codes in [0, 127]
         (q_o, y_o), (q_t, y_t) = _int8_outputs(ours, x), _int8_outputs(theirs, x)
-    finally:
-        torch.backends.quantized.engine = previous
     for name in q_o.keys() - q_t.keys():  # an int8 layer only minqat has: a mismatch
         tally.add(q_o[name].int_repr(), torch.zeros(0))
     for name, out in q_t.items():

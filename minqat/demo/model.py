@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..check.engine import quantized_engine
+
 __all__ = ["DigitsCNN", "Library", "minqat_library", "torch_ao_library", "qat_qconfig", "ptq_qconfig",
            "classifier_qconfig", "FUSE_GROUPS"]
 
@@ -77,20 +79,11 @@ class Library:
 
     def int8_context(self):
         """torch.ao packs weights for, and runs on, the current engine: pin it (numerics.md §6.8, §7.3)."""
-        return _quantized_engine(self.engine) if self.engine else contextlib.nullcontext()
+        return quantized_engine(self.engine) if self.engine else contextlib.nullcontext()
 
     def build(self) -> DigitsCNN:
         return DigitsCNN(self.quant_stub, self.dequant_stub)
 
-
-@contextlib.contextmanager
-def _quantized_engine(name: str):
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
 
 
 def minqat_library() -> Library:

@@ -39,7 +39,7 @@ from ...qtensor import QTensor
 from .prepared import LayerCache
 
 __all__ = ["quantize_weight", "observe_weight", "require_statistics", "require_qtensor", "output_qparams",
-           "check_weight_dtype", "clamp_to_output_range", "save_output_qparams", "load_output_qparams",
+           "check_weight_dtype", "fold_bn_in_place", "clamp_to_output_range", "save_output_qparams", "load_output_qparams",
            "save_output_range", "load_output_range", "Int8WeightLayer"]
 
 
@@ -159,6 +159,16 @@ def clamp_to_output_range(y_int: torch.Tensor, output_range: tuple[int, int] | N
     after the kernel is exact.
     """
     return y_int if output_range is None else y_int.clamp(*output_range)
+
+
+def fold_bn_in_place(mod: nn.Module, fuse_weights) -> None:
+    """``W, b <- fuse_weights(W, b, BN running stats)`` on a QAT conv-BN / linear-BN module itself, as torch.ao's
+    convert does; ``fuse_weights`` is ``minqat.fold.fuse_conv_bn_weights`` or ``fuse_linear_bn_weights``."""
+    bn = mod.bn
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"cannot fold the BatchNorm of {type(mod).__name__}: it tracks no running statistics")
+    mod.weight, mod.bias = fuse_weights(mod.weight, mod.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                                        bn.bias)
 
 
 def save_output_qparams(module: nn.Module, destination: dict, prefix: str) -> None:

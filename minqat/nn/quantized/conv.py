@@ -62,8 +62,8 @@ from ...kernels.requantize import layer_requantization
 from ...nn.intrinsic import fused
 from ...nn.intrinsic.qat.conv_bn import _ConvBnNd
 from ...qtensor import QTensor
-from .common import (Int8WeightLayer, clamp_to_output_range, observe_weight, output_qparams, quantize_weight,
-                     require_qtensor, require_statistics)
+from .common import (Int8WeightLayer, clamp_to_output_range, fold_bn_in_place, observe_weight, output_qparams,
+                     quantize_weight, require_qtensor, require_statistics)
 from .prepared import LayerCache, PreparedLayer
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvReLU1d", "ConvReLU2d", "ConvReLU3d"]
@@ -247,7 +247,7 @@ class _ConvNd(Int8WeightLayer, nn.Module):
         if hasattr(mod, "weight_fake_quant"):  # a QAT module (minqat.nn.qat / nn.intrinsic.qat)
             activation_post_process = _output_post_process(mod, cls)
             if isinstance(mod, _ConvBnNd):
-                _fold_bn_in_place(mod)
+                fold_bn_in_place(mod, fuse_conv_bn_weights)
             weight_post_process = mod.weight_fake_quant
         else:  # a float module prepared for post-training quantization
             if type(mod) is not cls._FLOAT_MODULE:
@@ -281,15 +281,6 @@ def _output_post_process(mod: nn.Module, cls: type) -> nn.Module:
                          "(activation_post_process): prepare the model (minqat.prepare_qat / minqat.prepare) first")
     require_statistics(post_process, "its output observer (activation_post_process)")
     return post_process
-
-
-def _fold_bn_in_place(mod: _ConvBnNd) -> None:
-    """``W, b <- fold(W, b, BN running stats)`` on the QAT module itself, as torch.ao's convert does."""
-    bn = mod.bn
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f"cannot fold the BatchNorm of {type(mod).__name__}: it tracks no running statistics")
-    mod.weight, mod.bias = fuse_conv_bn_weights(mod.weight, mod.bias, bn.running_mean, bn.running_var, bn.eps,
-                                                bn.weight, bn.bias)
 
 
 class Conv1d(_ConvNd):

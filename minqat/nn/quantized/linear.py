@@ -45,8 +45,8 @@ from ...nn.intrinsic import fused
 from ...nn.intrinsic.qat.linear_bn import LinearBn1d
 from ...qtensor import QTensor
 from .prepared import LayerCache, PreparedLayer
-from .common import (Int8WeightLayer, clamp_to_output_range, observe_weight, output_qparams, quantize_weight,
-                     require_qtensor, require_statistics)
+from .common import (Int8WeightLayer, clamp_to_output_range, fold_bn_in_place, observe_weight, output_qparams,
+                     quantize_weight, require_qtensor, require_statistics)
 
 __all__ = ["Linear", "LinearReLU"]
 
@@ -156,7 +156,7 @@ class Linear(Int8WeightLayer, nn.Module):
         require_statistics(activation_post_process, "its output observer (activation_post_process)")
         if hasattr(mod, "weight_fake_quant"):  # a QAT module
             if isinstance(mod, LinearBn1d):
-                _fold_bn_in_place(mod)
+                fold_bn_in_place(mod, fuse_linear_bn_weights)
             weight_post_process = mod.weight_fake_quant
         else:  # a float module prepared for post-training quantization
             if type(mod) not in cls._FLOAT_MODULES:
@@ -178,15 +178,6 @@ class Linear(Int8WeightLayer, nn.Module):
         qlinear.set_weight_bias(w_int, w_scale, w_zero_point, mod.bias)
         qlinear.scale, qlinear.zero_point = output_qparams(activation_post_process)
         return qlinear
-
-
-def _fold_bn_in_place(mod: LinearBn1d) -> None:
-    """``W, b <- fold(W, b, BN running stats)`` on the QAT module itself, as torch.ao's convert does."""
-    bn = mod.bn
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f"cannot fold the BatchNorm of {type(mod).__name__}: it tracks no running statistics")
-    mod.weight, mod.bias = fuse_linear_bn_weights(mod.weight, mod.bias, bn.running_mean, bn.running_var, bn.eps,
-                                                  bn.weight, bn.bias)
 
 
 class LinearReLU(Linear):
