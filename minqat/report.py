@@ -155,6 +155,18 @@ def _dequantized(value):
     return value
 
 
+def _run_hooked(model: nn.Module, x: torch.Tensor, handles: list, patched: tuple = ()) -> None:
+    """``model(x)`` without gradients, then remove the hooks and the wrapped instance methods."""
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, op in patched:
+            delattr(module, op)
+
+
 def _record_int8_calls(int8_model: nn.Module, names, x: torch.Tensor) -> list:
     """Run the int8 model; return ``(name, kind, op, args, out)`` for every call of a compared layer."""
     calls, handles, patched = [], [], []
@@ -178,14 +190,7 @@ def _record_int8_calls(int8_model: nn.Module, names, x: torch.Tensor) -> list:
                 setattr(module, op, recording(name, op, getattr(module, op)))
         else:
             handles.append(module.register_forward_hook(on_forward(name, type(module).__name__)))
-    try:
-        with torch.no_grad():
-            int8_model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, op in patched:
-            delattr(module, op)
+    _run_hooked(int8_model, x, handles, patched)
     return calls
 
 
@@ -196,12 +201,7 @@ def _end_to_end_fake_quant_outputs(prepared: nn.Module, post_process_paths: dict
     for name, path in post_process_paths.items():
         hook = (lambda n: lambda module, args, out: outputs.setdefault(n, []).append(out))(name)
         handles.append(modules[path].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            prepared(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_hooked(prepared, x, handles)
     return outputs
 
 
