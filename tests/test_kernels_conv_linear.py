@@ -403,10 +403,11 @@ def _linear_acc_of(c: dict) -> torch.Tensor:
 @given(seed=st.integers(0, 2**32 - 1))
 def test_fixed_point_mode_within_one_lsb(seed):
     case = make_conv_case(seed, 2, mode="random")
-    diff = (minqat_conv(case, fixed_point=True).double() - _real_reference(_conv_acc_of(case), case, 1)).abs()
+    fixed = minqat_conv(case, requantization="fixed_point").double()
+    diff = (fixed - _real_reference(_conv_acc_of(case), case, 1)).abs()
     assert float(diff.max()) <= 1
     case = make_linear_case(seed, mode="random")
-    diff = (minqat_linear(case, fixed_point=True).double() - _real_reference(_linear_acc_of(case), case, -1)).abs()
+    diff = (minqat_linear(case, requantization="fixed_point").double() - _real_reference(_linear_acc_of(case), case, -1)).abs()
     assert float(diff.max()) <= 1
 
 
@@ -421,7 +422,7 @@ def test_fixed_point_mode_mismatch_rate():
             (make_conv_case(seed, 2, mode="random"), minqat_conv, _conv_acc_of, 1),
             (make_linear_case(seed, mode="random"), minqat_linear, _linear_acc_of, -1),
         ):
-            diff = (run(case, fixed_point=True).double() - _real_reference(acc_fn(case), case, axis)).abs()
+            diff = (run(case, requantization="fixed_point").double() - _real_reference(acc_fn(case), case, axis)).abs()
             worst, bad, total = max(worst, int(diff.max())), bad + int((diff > 0).sum()), total + diff.numel()
     assert worst <= 1
     assert bad / total < 0.005, (bad, total)
@@ -526,12 +527,12 @@ def _to(case: dict, device: str) -> dict:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fixed_point", [False, True])
-def test_cuda_equals_cpu(fixed_point):
+@pytest.mark.parametrize("requantization", ["fbgemm", "fixed_point"])
+def test_cuda_equals_cpu(requantization):
     for seed in range(40):
         for case, run in ((make_conv_case(seed), minqat_conv), (make_linear_case(seed), minqat_linear)):
-            expected = run(case, fixed_point=fixed_point)
-            assert_bit_exact(run(_to(case, "cuda"), fixed_point=fixed_point).cpu(), expected, f"seed {seed}")
+            expected = run(case, requantization=requantization)
+            assert_bit_exact(run(_to(case, "cuda"), requantization=requantization).cpu(), expected, f"seed {seed}")
 
 
 # ----------------------------------------------------------------------------------------------

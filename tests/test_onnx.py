@@ -620,8 +620,6 @@ def test_bad_arguments():
         run_onnxruntime(model, X)
     with pytest.raises(ValueError, match="requantization must be one of"):
         requantizer("tflite")
-    with pytest.raises(ValueError, match="fixed_point=True contradicts requantization='onnxruntime'"):
-        requantizer("onnxruntime", fixed_point=True)
 
 
 def test_bad_kernel_arguments():
@@ -656,7 +654,7 @@ def test_fbgemm_and_onnxruntime_requantization_differ_by_at_most_one_unit():
         acc = torch.randint(-20000, 20000, (64, 8), generator=gen, dtype=torch.int32)
         s_x, s_w = float(torch.rand(1, generator=gen) * 0.05 + 1e-3), torch.rand(8, generator=gen) * 0.01 + 1e-4
         b, s_y = torch.randn(8, generator=gen) * 0.5, float(torch.rand(1, generator=gen) * 0.5 + 0.05)
-        fbgemm = requantizer("fbgemm", False)(acc, s_x, s_w, s_y, 128, b, axis=1).int()
+        fbgemm = requantizer("fbgemm")(acc, s_x, s_w, s_y, 128, b, axis=1).int()
         ort = requantize_onnxruntime(acc, s_x, s_w, s_y, 128, b, axis=1).int()
         diff = (fbgemm - ort).abs()
         assert int(diff.max()) <= 1

@@ -320,8 +320,8 @@ def conv3d_int(x_int: torch.Tensor, x_zero_point, w_int: torch.Tensor, w_zero_po
 
 
 def _quantized_conv(conv_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias, y_scale,
-                    y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point, requantization):
-    recipe = requantizer(requantization, fixed_point)
+                    y_zero_point, stride, padding, dilation, groups, relu, dtype, requantization):
+    recipe = requantizer(requantization)
     acc = conv_int(x_int, x_zero_point, w_int, w_zero_point, stride, padding, dilation, groups)
     return recipe(acc, x_scale, w_scale, y_scale, y_zero_point, bias, axis=1, relu=relu, dtype=dtype)
 
@@ -329,7 +329,7 @@ def _quantized_conv(conv_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_ze
 def quantized_conv2d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Tensor, w_scale, w_zero_point,
                      bias: torch.Tensor | None = None, *, y_scale, y_zero_point, stride=1, padding=0,
                      dilation=1, groups: int = 1, relu: bool = False, dtype: torch.dtype = torch.uint8,
-                     fixed_point: bool = False, requantization: str = "fbgemm") -> torch.Tensor:
+                     requantization: str = "fbgemm") -> torch.Tensor:
     r"""A quantized 2-d convolution: ``torch.ops.quantized.conv2d`` (``conv2d_relu`` with
     ``relu=True``) under the fbgemm engine, bit for bit, on plain integer tensors.
 
@@ -351,7 +351,6 @@ def quantized_conv2d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Te
             (the integer-only recipe of Jacob et al. 2018 §2.2, ``requantize_integer_only``: within one
             unit of the real-valued result, not bit-exact with torch) or ``"onnxruntime"`` (ONNX Runtime's
             ``QLinearConv``: int32 bias, ``minqat.kernels.onnxruntime``).
-        fixed_point: ``True`` is the older spelling of ``requantization="fixed_point"``.
 
     >>> x = torch.tensor([[[[4, 6]]]], dtype=torch.uint8)                 # (1, 1, 1, 2), z_x = 2
     >>> w = torch.tensor([[[[3]]]], dtype=torch.int8)                      # 1x1 kernel, z_w = 0
@@ -359,14 +358,14 @@ def quantized_conv2d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Te
     tensor([[[[11, 12]]]], dtype=torch.uint8)
     """
     return _quantized_conv(conv2d_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias,
-                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point,
+                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype,
                            requantization)
 
 
 def quantized_conv1d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Tensor, w_scale, w_zero_point,
                      bias: torch.Tensor | None = None, *, y_scale, y_zero_point, stride=1, padding=0,
                      dilation=1, groups: int = 1, relu: bool = False, dtype: torch.dtype = torch.uint8,
-                     fixed_point: bool = False, requantization: str = "fbgemm") -> torch.Tensor:
+                     requantization: str = "fbgemm") -> torch.Tensor:
     """:func:`quantized_conv2d` for 1-d inputs ``(N, C_in, L)`` (``torch.ops.quantized.conv1d``).
 
     >>> x = torch.tensor([[[4, 6]]], dtype=torch.uint8)
@@ -374,14 +373,14 @@ def quantized_conv1d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Te
     tensor([[[11, 12]]], dtype=torch.uint8)
     """
     return _quantized_conv(conv1d_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias,
-                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point,
+                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype,
                            requantization)
 
 
 def quantized_conv3d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Tensor, w_scale, w_zero_point,
                      bias: torch.Tensor | None = None, *, y_scale, y_zero_point, stride=1, padding=0,
                      dilation=1, groups: int = 1, relu: bool = False, dtype: torch.dtype = torch.uint8,
-                     fixed_point: bool = False, requantization: str = "fbgemm") -> torch.Tensor:
+                     requantization: str = "fbgemm") -> torch.Tensor:
     """:func:`quantized_conv2d` for 3-d inputs ``(N, C_in, D, H, W)`` (``torch.ops.quantized.conv3d``).
 
     >>> x = torch.tensor([[[[[4, 6]]]]], dtype=torch.uint8)
@@ -389,5 +388,5 @@ def quantized_conv3d(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Te
     tensor([[[[[11, 12]]]]], dtype=torch.uint8)
     """
     return _quantized_conv(conv3d_int, x_int, x_scale, x_zero_point, w_int, w_scale, w_zero_point, bias,
-                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype, fixed_point,
+                           y_scale, y_zero_point, stride, padding, dilation, groups, relu, dtype,
                            requantization)

@@ -227,7 +227,7 @@ def linear_int(x_int: torch.Tensor, x_zero_point, w_int: torch.Tensor, w_zero_po
 
 def quantized_linear(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Tensor, w_scale, w_zero_point,
                      bias: torch.Tensor | None = None, *, y_scale, y_zero_point, relu: bool = False,
-                     dtype: torch.dtype = torch.uint8, fixed_point: bool = False,
+                     dtype: torch.dtype = torch.uint8,
                      requantization: str = "fbgemm") -> torch.Tensor:
     r"""A quantized linear layer: ``torch.ops.quantized.linear`` (``linear_relu`` with ``relu=True``)
     under the fbgemm engine, bit for bit, on plain integer tensors.
@@ -248,13 +248,12 @@ def quantized_linear(x_int: torch.Tensor, x_scale, x_zero_point, w_int: torch.Te
         requantization: ``"fbgemm"`` (default: torch's recipe, bit-exact), ``"fixed_point"`` (Jacob et
             al. 2018 §2.2, ``requantize_integer_only``: within one unit of the real-valued result) or
             ``"onnxruntime"`` (ONNX Runtime's ``QGemm`` / ``QLinearMatMul``: int32 bias).
-        fixed_point: ``True`` is the older spelling of ``requantization="fixed_point"``.
 
     >>> x = torch.tensor([[11, 13]], dtype=torch.uint8)                   # z_x = 10: centred [1, 3]
     >>> w = torch.tensor([[1, 0], [0, 1]], dtype=torch.int8)
     >>> quantized_linear(x, 0.5, 10, w, 1.0, 0, y_scale=1.0, y_zero_point=0)   # 0.5 -> 0, 1.5 -> 2
     tensor([[0, 2]], dtype=torch.uint8)
     """
-    recipe = requantizer(requantization, fixed_point)
+    recipe = requantizer(requantization)
     acc = linear_int(x_int, x_zero_point, w_int, w_zero_point)
     return recipe(acc, x_scale, w_scale, y_scale, y_zero_point, bias, axis=-1, relu=relu, dtype=dtype)

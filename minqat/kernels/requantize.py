@@ -509,23 +509,18 @@ def requantize_integer_only(acc: torch.Tensor, x_scale, w_scale, y_scale, y_zero
 REQUANTIZATION_MODES = ("fbgemm", "fixed_point", "onnxruntime")
 
 
-def requantizer(requantization: str = "fbgemm", fixed_point: bool = False):
+def requantizer(requantization: str = "fbgemm"):
     """The recipe named ``requantization``, all with :func:`requantize`'s signature.
 
     ``"fbgemm"`` (default): :func:`requantize`, torch's, bit-exact; ``"fixed_point"``:
     :func:`requantize_integer_only` (Jacob et al. 2018); ``"onnxruntime"``: ORT's
-    (``minqat.kernels.onnxruntime.requantize_onnxruntime``). ``fixed_point=True`` is the older spelling of
-    ``requantization="fixed_point"``.
+    (``minqat.kernels.onnxruntime.requantize_onnxruntime``).
 
     >>> requantizer("onnxruntime").__name__
     'requantize_onnxruntime'
     """
     if requantization not in REQUANTIZATION_MODES:
         raise ValueError(f"requantization must be one of {REQUANTIZATION_MODES}, got {requantization!r}")
-    if fixed_point and requantization not in ("fbgemm", "fixed_point"):
-        raise ValueError(f"fixed_point=True contradicts requantization={requantization!r}: give only requantization")
-    if fixed_point:
-        requantization = "fixed_point"
     return {"fbgemm": requantize, "fixed_point": requantize_integer_only,
             "onnxruntime": requantize_onnxruntime}[requantization]
 
