@@ -1,7 +1,9 @@
 """Components 1-3 of ``python -m minqat check``: fake quant functions, observers, fake-quant modules.
 
 Each ``check_*`` runs random cases through minqat and torch.ao (passed in as ``tq``, imported by the
-caller) and returns ``Tally`` rows.
+caller) and returns ``Tally`` rows. This cross-check tool (with ``models.py``) is the only place in
+``minqat/`` that calls torch.ao and torch's fake-quant ops: as the oracle, imported lazily by ``run_check``,
+never in minqat's own computations.
 """
 from __future__ import annotations
 
